@@ -1,0 +1,11 @@
+"""smallbn_d2: Cross-Iteration BN (CBN) and Moving Average BN (MABN) for Detectron2."""
+from setuptools import find_packages, setup
+
+setup(
+    name="smallbn_d2",
+    version="0.1.0",
+    description="CBN and MABN normalization for Detectron2 at small per-GPU batch sizes",
+    packages=find_packages(include=("smallbn_d2", "smallbn_d2.*")),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.1", "fvcore", "pycocotools"],
+)

@@ -1,0 +1,334 @@
+"""Cross-Iteration Batch Normalization (CBN) and its uncompensated ablation (Naive CBN).
+
+Source: Yao, Cao, Zheng, Huang, Lin. Cross-Iteration Batch Normalization. CVPR 2021
+(arXiv 2002.05712), Sec. 3.2 (eq. 4-9) and Appendix B; restated in METHODS.md, "CBN", items 1-9.
+
+Per channel c, at trainer iteration t with window size k (k = 1 during the burn-in):
+
+    mu_{t-tau}(theta_t) ~= mu_{t-tau} + <g_mu_{t-tau}, theta_t - theta_{t-tau}>      (item 2)
+    nu_{t-tau}(theta_t) ~= nu_{t-tau} + <g_nu_{t-tau}, theta_t - theta_{t-tau}>
+    mu_bar = (1/k) sum_tau mu_{t-tau}(theta_t)                                         (item 3)
+    nu_bar = (1/k) sum_tau max(nu_{t-tau}(theta_t), mu_{t-tau}(theta_t)^2)
+    y = gamma * (x - mu_bar) / sqrt(nu_bar - mu_bar^2 + eps) + beta                    (item 4)
+
+theta is the producing conv's weight and, if it has one, its bias (exactly first order in the
+bias: d mu / d b = 1, d nu / d b = 2 mu). Gradients flow only through the current mu_t, nu_t.
+
+Implementation notes (all algebraically identical to the formulas above):
+
+* Storage. Instead of theta_{t-tau}, each window entry stores the constant part of its Taylor
+  expansion, a_mu = mu - <g_mu, theta_old> - b_old and a_nu = nu - <g_nu, theta_old> - 2 mu b_old,
+  so that mu(theta_t) = a_mu + <g_mu, theta_t> + b_t and nu(theta_t) = a_nu + <g_nu, theta_t> +
+  2 mu b_t. This saves k-1 copies of every conv weight. d mu / d theta is stored once per conv
+  group (it is the same for all channels of a group).
+* Variance. sigma_bar^2 = nu_bar - mu_bar^2 is evaluated as
+  (1/k) sum_tau [max(var_tau, 0) + (mu_tau - mu_bar)^2] with var_tau = nu_tau - mu_tau^2, and the
+  current batch's var_t computed by two passes, so that k = 1 is *exactly* BatchNorm.
+* Window bookkeeping is by trainer iteration: entry tags record the iteration that wrote them and
+  only tags in [t-k+1, t-1] count (the window averages over the entries present, so a layer that
+  saw no input in some iteration, or the first iterations after burn-in, average fewer). Entries
+  are written only from iteration burn_in - (k - 1) on, so the burn-in costs what BN costs.
+* Non-finite batches (NaN/Inf in the input): the output is computed (and will be non-finite, which
+  Detectron2's trainer reports), but nothing is written to the running statistics or the window:
+  every state update is masked with ``torch.where`` (no host synchronization).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .base import IterationNormBase, NormNotWiredError, _positive
+from .cbn_grad import check_supported_conv, stat_grads_autograd, stat_grads_closed_form
+
+__all__ = ["CrossIterationBatchNorm2d", "NaiveCrossIterationBatchNorm2d"]
+
+_AGGREGATIONS = ("paper", "drop_invalid")
+_GRAD_MODES = ("closed_form", "autograd")
+
+
+def _capture_conv_input(conv: nn.Conv2d, args) -> None:
+    """Forward pre-hook of a producing conv: keep its input for the CBN that follows it."""
+    conv.__dict__["_smallbn_conv_input"] = args[0] if conv.training else None
+
+
+def _conv_output_size(conv: nn.Conv2d, h: int, w: int):
+    out = []
+    for size, k, s, p, d in zip((h, w), conv.kernel_size, conv.stride, conv.padding, conv.dilation):
+        out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    return tuple(out)
+
+
+class CrossIterationBatchNorm2d(IterationNormBase):
+    """Cross-Iteration Batch Normalization for (N, C, H, W) conv outputs (CBN paper, Sec. 3.2).
+
+    Training uses the statistics of the current and the k-1 previous trainer iterations,
+    compensated to the current weights of the producing conv (:meth:`attach_conv`); eval mode is
+    BatchNorm with the population statistics ``running_mean``/``running_var`` (item 7).
+
+    Args:
+        num_features: C.
+        window_size: k >= 1, iterations in the window, the current one included (item 6).
+        burn_in: iterations (trainer iterations, 0-based) with k = 1 before the window is used.
+        momentum: population-statistics momentum in (0, 1], PyTorch convention (weight of the
+            new batch); updated with the current batch's mean and unbiased variance (item 7).
+        eps: > 0, added to the variance inside the square root.
+        affine: learn gamma/beta of shape (C,).
+        aggregation: ``"paper"`` (average ``max(nu, mu^2)`` over the window, eq. 8-9) or
+            ``"drop_invalid"`` (the released code: drop entries whose compensated variance is
+            negative, average over those kept).
+        compensate: False gives Naive CBN (window average without compensation, item 8).
+        grad_mode: ``"closed_form"`` (Appendix B, one weight-gradient conv) or ``"autograd"``
+            (two ``torch.autograd.grad`` passes, the released code), for comparison.
+
+    Buffers (state_dict): ``running_mean``, ``running_var`` (C,), ``num_batches_tracked`` and,
+    once a conv is attached and k > 1, the window ``window_iters`` (k-1,), ``window_mu``,
+    ``window_mu0``, ``window_nu0`` (k-1, C), ``window_mu_grad`` (k-1, G, C_in/G, kh, kw) and
+    ``window_nu_grad`` (k-1, C, C_in/G, kh, kw).
+
+    Shapes: input and output (N, C, H, W); N * H * W may be 0 (returns an empty output, no
+    state change) or 1.
+
+    Raises:
+        ValueError: an argument is out of range (the message names it and the allowed range).
+        NormNotWiredError: training forward without a producing conv or without a trainer
+            iteration (:meth:`set_iteration`), or an input the attached conv did not produce.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        window_size: int = 4,
+        burn_in: int = 0,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        affine: bool = True,
+        aggregation: str = "paper",
+        compensate: bool = True,
+        grad_mode: str = "closed_form",
+    ):
+        super().__init__(num_features, eps=eps, affine=affine)
+        self.compensate = compensate
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.configure(window_size=window_size, burn_in=burn_in, momentum=momentum, eps=eps,
+                       aggregation=aggregation, grad_mode=grad_mode)
+
+    # ------------------------------------------------------------------ configuration
+    def configure(self, window_size: Optional[int] = None, burn_in: Optional[int] = None,
+                  momentum: Optional[float] = None, eps: Optional[float] = None,
+                  aggregation: Optional[str] = None, grad_mode: Optional[str] = None) -> None:
+        """Set hyperparameters (None keeps the current value); a new window size clears the window.
+
+        Raises:
+            ValueError: a value is out of range (see the class docstring).
+        """
+        if window_size is not None:
+            if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
+                raise ValueError(f"window_size = {window_size!r} is invalid; allowed: an integer >= 1")
+            changed = window_size != getattr(self, "window_size", None)
+            self.window_size = window_size
+            if changed:
+                self._allocate_window()
+        if burn_in is not None:
+            if not isinstance(burn_in, int) or isinstance(burn_in, bool) or burn_in < 0:
+                raise ValueError(f"burn_in = {burn_in!r} is invalid; allowed: an integer >= 0 (iterations)")
+            self.burn_in = burn_in
+        if momentum is not None:
+            if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
+                raise ValueError(f"momentum = {momentum!r} is invalid; allowed: a number in (0, 1]")
+            self.momentum = float(momentum)
+        if eps is not None:
+            self.eps = _positive(eps, "eps")
+        if aggregation is not None:
+            if aggregation not in _AGGREGATIONS:
+                raise ValueError(f"aggregation = {aggregation!r} is invalid; allowed: {_AGGREGATIONS}")
+            self.aggregation = aggregation
+        if grad_mode is not None:
+            if grad_mode not in _GRAD_MODES:
+                raise ValueError(f"grad_mode = {grad_mode!r} is invalid; allowed: {_GRAD_MODES}")
+            self.grad_mode = grad_mode
+
+    def _conv_attached(self, conv: nn.Conv2d) -> None:
+        check_supported_conv(conv)
+        if "_smallbn_capture" not in conv.__dict__:
+            conv.__dict__["_smallbn_capture"] = conv.register_forward_pre_hook(_capture_conv_input)
+        self._allocate_window()
+
+    def _allocate_window(self) -> None:
+        conv = self.conv
+        slots = self.window_size - 1
+        dev = self.running_mean.device
+        dt = self.running_mean.dtype
+        C = self.num_features
+        shapes = {"window_mu": (slots, C), "window_mu0": (slots, C), "window_nu0": (slots, C)}
+        if conv is not None and self.compensate:
+            G = conv.groups
+            shapes["window_mu_grad"] = (slots, G) + tuple(conv.weight.shape[1:])
+            shapes["window_nu_grad"] = (slots,) + tuple(conv.weight.shape)
+        for name in ("window_mu", "window_mu0", "window_nu0", "window_mu_grad", "window_nu_grad"):
+            self._buffers.pop(name, None)
+        self.register_buffer("window_iters", torch.full((slots,), -1, dtype=torch.long, device=dev))
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dt, device=dev))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, window_size={self.window_size}, burn_in={self.burn_in}, "
+                f"momentum={self.momentum}, eps={self.eps}, affine={self.affine}, "
+                f"aggregation={self.aggregation!r}, compensate={self.compensate}, grad_mode={self.grad_mode!r}")
+
+    def effective_window_size(self, iteration: Optional[int] = None) -> int:
+        """k in force at ``iteration`` (default: the current one): 1 during the burn-in, else k."""
+        t = self._require_iteration() if iteration is None else iteration
+        return 1 if t < self.burn_in else self.window_size
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize ``x`` of shape (N, C, H, W); returns the same shape and dtype."""
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}({self.num_features}) expects (N, {self.num_features}, H, W), "
+                             f"got shape {tuple(x.shape)}")
+        if not self.training:
+            return self._eval_forward(x)
+        t = self._require_iteration()
+        conv_input = self._take_conv_input(x)
+        if x.numel() == 0:
+            return self._affine(x)
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.to(cdt)
+            var_t, mu_t = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
+            k = self.effective_window_size(t)
+            if k > 1:
+                mu_bar, var_bar = self._window_statistics(t, mu_t, var_t, cdt)
+            else:
+                mu_bar, var_bar = mu_t, var_t
+            scale = torch.rsqrt(var_bar + self.eps)
+            y = (xf - mu_bar[None, :, None, None]) * scale[None, :, None, None]
+            y = self._affine(y).to(x.dtype)
+            P = x.shape[0] * x.shape[2] * x.shape[3]
+            self._update_state(t, x, conv_input, mu_t.detach(), var_t.detach(), P)
+        return y
+
+    def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        scale = torch.rsqrt(self.running_var.to(cdt) + self.eps)
+        if self.affine:
+            scale = scale * self.weight.to(cdt)
+            shift = self.bias.to(cdt) - self.running_mean.to(cdt) * scale
+        else:
+            shift = -self.running_mean.to(cdt) * scale
+        return (x * scale[None, :, None, None].to(x.dtype) + shift[None, :, None, None].to(x.dtype))
+
+    def _take_conv_input(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Pop the producing conv's captured input and check that it produced ``x``."""
+        conv = self._require_conv()
+        u = conv.__dict__.pop("_smallbn_conv_input", None)
+        if not self.compensate:
+            return None
+        if u is None:
+            raise NormNotWiredError(
+                f"{type(self).__name__}: the attached conv {conv} did not run before this layer in "
+                "training mode, so its input is unknown. The conv must directly produce this layer's input."
+            )
+        expected = (x.shape[0], x.shape[1]) + _conv_output_size(conv, u.shape[2], u.shape[3])
+        if tuple(x.shape) != expected or u.shape[0] != x.shape[0]:
+            raise NormNotWiredError(
+                f"{type(self).__name__}: input of shape {tuple(x.shape)} was not produced by the attached "
+                f"conv {conv} from its last input of shape {tuple(u.shape)} (expected {expected})."
+            )
+        return u
+
+    def _window_statistics(self, t: int, mu_t, var_t, cdt):
+        """Compensated window mean and variance, shape (C,) each (items 2-3)."""
+        C = self.num_features
+        tags = self.window_iters
+        present = (tags >= t - self.window_size + 1) & (tags < t) & (tags >= 0)  # (k-1,)
+        mu_old = self.window_mu.to(cdt)
+        if self.compensate:
+            conv = self.conv
+            G = conv.groups
+            theta = conv.weight.detach().to(cdt)
+            theta_g = theta.reshape(G, C // G, -1)
+            gmu = self.window_mu_grad.to(cdt).flatten(2)  # (k-1, G, D)
+            gnu = self.window_nu_grad.to(cdt).flatten(2)  # (k-1, C, D)
+            mu_c = self.window_mu0.to(cdt) + torch.einsum("jgd,gcd->jgc", gmu, theta_g).reshape(-1, C)
+            nu_c = self.window_nu0.to(cdt) + torch.einsum("jcd,cd->jc", gnu, theta.reshape(C, -1))
+            if conv.bias is not None:
+                b = conv.bias.detach().to(cdt)
+                mu_c = mu_c + b
+                nu_c = nu_c + 2.0 * mu_old * b
+        else:
+            mu_c = mu_old
+            nu_c = self.window_nu0.to(cdt)  # Naive CBN stores nu itself in window_nu0
+        var_c = nu_c - mu_c * mu_c
+        keep = present[:, None].to(cdt).expand_as(mu_c)
+        if self.aggregation == "drop_invalid":
+            keep = keep * (var_c >= 0).to(cdt)
+        count = 1.0 + keep.sum(0)
+        mu_bar = (mu_t + (keep * mu_c).sum(0)) / count
+        spread = var_c.clamp(min=0) + (mu_c - mu_bar) ** 2  # max(nu, mu^2) - mu_bar^2, per entry
+        var_bar = (var_t + (mu_t - mu_bar) ** 2 + (keep * spread).sum(0)) / count
+        return mu_bar, var_bar
+
+    @torch.no_grad()
+    def _update_state(self, t: int, x, conv_input, mu_t, var_t, P: int) -> None:
+        finite = torch.isfinite(mu_t).all() & torch.isfinite(var_t).all()
+        m = self.momentum
+        unbiased = var_t * (P / max(P - 1, 1))
+        dt = self.running_mean.dtype
+        self.running_mean.copy_(torch.where(finite, (1 - m) * self.running_mean + m * mu_t.to(dt), self.running_mean))
+        self.running_var.copy_(torch.where(finite, (1 - m) * self.running_var + m * unbiased.to(dt), self.running_var))
+        self.num_batches_tracked.add_(1)
+        k = self.window_size
+        if k == 1 or t < self.burn_in - (k - 1):
+            return
+        slot = t % (k - 1)
+        nu_t = var_t + mu_t * mu_t
+        if self.compensate:
+            conv = self.conv
+            xd = x.detach().to(mu_t.dtype)
+            if self.grad_mode == "closed_form":
+                grads = stat_grads_closed_form(conv, conv_input, xd)
+            else:
+                grads = stat_grads_autograd(conv, conv_input, x if x.requires_grad else None)
+            G = conv.groups
+            C = self.num_features
+            theta = conv.weight.detach().to(mu_t.dtype)
+            mu0 = mu_t - torch.einsum("gd,gcd->gc", grads.mu_weight.flatten(1), theta.reshape(G, C // G, -1)).reshape(C)
+            nu0 = nu_t - torch.einsum("cd,cd->c", grads.nu_weight.flatten(1), theta.reshape(C, -1))
+            if conv.bias is not None:
+                b = conv.bias.detach().to(mu_t.dtype)
+                mu0 = mu0 - b
+                nu0 = nu0 - 2.0 * mu_t * b
+            finite = finite & torch.isfinite(grads.nu_weight).all() & torch.isfinite(grads.mu_weight).all()
+            self._write(self.window_mu_grad, slot, grads.mu_weight, finite)
+            self._write(self.window_nu_grad, slot, grads.nu_weight, finite)
+        else:
+            mu0, nu0 = mu_t, nu_t
+        self._write(self.window_mu, slot, mu_t, finite)
+        self._write(self.window_mu0, slot, mu0, finite)
+        self._write(self.window_nu0, slot, nu0, finite)
+        tag = torch.where(finite, torch.tensor(t, device=self.window_iters.device), self.window_iters[slot])
+        self.window_iters[slot] = tag
+
+    @staticmethod
+    def _write(buf: torch.Tensor, slot: int, value: torch.Tensor, ok: torch.Tensor) -> None:
+        buf[slot] = torch.where(ok, value.to(buf.dtype), buf[slot])
+
+
+class NaiveCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
+    """Naive CBN: the window average of CBN without Taylor compensation (CBN paper Sec. 3.2
+    "Naive CBN", METHODS.md CBN item 8), an ablation; degrades at large k. Same arguments as
+    :class:`CrossIterationBatchNorm2d` except ``compensate`` (always False) and ``grad_mode``
+    (unused); it still needs its producing conv attached (for the input check) by the wiring.
+    """
+
+    def __init__(self, num_features: int, window_size: int = 4, burn_in: int = 0, momentum: float = 0.1,
+                 eps: float = 1e-5, affine: bool = True, aggregation: str = "paper", **kwargs):
+        kwargs.pop("compensate", None)
+        super().__init__(num_features, window_size=window_size, burn_in=burn_in, momentum=momentum, eps=eps,
+                         affine=affine, aggregation=aggregation, compensate=False, **kwargs)

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Train and evaluate a Detectron2 model with smallbn_d2's norms (CBN, NaiveCBN, MABN).
+
+Detectron2's usual command line::
+
+    python tools/train_net.py --config-file configs/.../x.yaml [--num-gpus N] [--resume]
+        [--eval-only] [--allow-existing-output-dir] [KEY VALUE ...]
+
+A new run refuses a non-empty OUTPUT_DIR (``--resume`` continues the run there,
+``--allow-existing-output-dir`` overrides). Datasets: ``$DETECTRON2_DATASETS``, else
+``./datasets``, else ``<repo>/datasets``, else ``<repo>/../shared/datasets``.
+"""
+import logging
+
+import smallbn_d2  # noqa: F401  (first: compatibility fixes, datasets root, norm names)
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from smallbn_d2.data import check_datasets_exist
+from smallbn_d2.engine import Trainer, check_output_dir, load_config
+
+logger = logging.getLogger("smallbn_d2")
+
+
+def setup(args):
+    """Create the config from ``args`` and run Detectron2's ``default_setup`` (logging, dumps)."""
+    cfg = load_config(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    check_datasets_exist(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def argument_parser():
+    """Detectron2's ``default_argument_parser`` plus ``--allow-existing-output-dir``."""
+    parser = default_argument_parser()
+    parser.add_argument("--allow-existing-output-dir", action="store_true",
+                        help="start a new run even if OUTPUT_DIR is not empty (files there may be overwritten)")
+    return parser
+
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    # Checked once, before any process writes to OUTPUT_DIR.
+    check_output_dir(load_config(args.config_file, args.opts).OUTPUT_DIR, resume=args.resume,
+                     eval_only=args.eval_only, allow_existing=args.allow_existing_output_dir)
+    print("Command Line Args:", args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
