@@ -9,8 +9,8 @@ idempotent fixes, none of which copies Detectron2 code:
    consulted only when no other finder finds ``detectron2._C``. A user with an official source
    build (a compiled ``_C``) therefore gets that build untouched. Without one, ``import
    detectron2.layers`` works and the ops that need ``_C`` (rotated boxes, rotated RoIAlign,
-   deformable conv, the fast COCO evaluation) raise :class:`MissingExtensionError` naming the
-   op when called. :func:`has_compiled_ops` tells which case is in use; the trainer then
+   deformable conv on CUDA -- v0.6 runs DeformConv on CPU through torchvision -- and the fast
+   COCO evaluation) raise :class:`MissingExtensionError` naming the op when called. :func:`has_compiled_ops` tells which case is in use; the trainer then
    evaluates with pycocotools' own COCOeval (``use_fast_impl=False``), which gives the same AP.
 2. NumPy >= 1.24 removed ``np.int``, ``np.float`` and ``np.bool``, which v0.6 still uses
    (data/build.py, structures/masks.py, evaluation): they are restored as the builtins they

@@ -11,14 +11,20 @@ A new run refuses a non-empty OUTPUT_DIR (``--resume`` continues the run there,
 ``./datasets``, else ``<repo>/datasets``, else ``<repo>/../shared/datasets``.
 """
 import logging
+import sys
 
 import smallbn_d2  # noqa: F401  (first: compatibility fixes, datasets root, norm names)
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
-from smallbn_d2.data import check_datasets_exist
-from smallbn_d2.engine import Trainer, check_output_dir, load_config
+from smallbn_d2.config import ConfigValueError
+from smallbn_d2.data import DatasetsNotFoundError, check_datasets_exist
+from smallbn_d2.engine import OutputDirExistsError, Trainer, check_output_dir, load_config
+from smallbn_d2.layers import NormNotWiredError
+
+# Errors caused by the user's input; printed without a traceback.
+USER_ERRORS = (OutputDirExistsError, ConfigValueError, DatasetsNotFoundError, NormNotWiredError, FileNotFoundError)
 
 logger = logging.getLogger("smallbn_d2")
 
@@ -54,11 +60,18 @@ def argument_parser():
     return parser
 
 
-if __name__ == "__main__":
+def cli():
     args = argument_parser().parse_args()
-    # Checked once, before any process writes to OUTPUT_DIR.
-    check_output_dir(load_config(args.config_file, args.opts).OUTPUT_DIR, resume=args.resume,
-                     eval_only=args.eval_only, allow_existing=args.allow_existing_output_dir)
-    print("Command Line Args:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    try:
+        # Checked once, before any process writes to OUTPUT_DIR.
+        check_output_dir(load_config(args.config_file, args.opts).OUTPUT_DIR, resume=args.resume,
+                         eval_only=args.eval_only, allow_existing=args.allow_existing_output_dir)
+        print("Command Line Args:", args)
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except USER_ERRORS as e:  # bad input: a clear message, no traceback
+        sys.exit(f"train_net.py: error: {type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    cli()

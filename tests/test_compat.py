@@ -1,0 +1,92 @@
+"""smallbn_d2.compat: the detectron2._C fallback and the NumPy/Pillow aliases."""
+import importlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import smallbn_d2  # noqa: F401
+from smallbn_d2 import compat
+
+
+def test_detectron2_layers_imports_and_stub_is_in_use():
+    import detectron2.layers  # noqa: F401
+
+    assert not compat.has_compiled_ops()
+
+
+def test_rotated_and_deformable_ops_raise_clear_error():
+    import detectron2._C as C
+    from detectron2.layers import ROIAlignRotated
+    from detectron2.layers.rotated_boxes import pairwise_iou_rotated
+
+    boxes = torch.tensor([[5.0, 5.0, 4.0, 4.0, 0.0]])
+    with pytest.raises(compat.MissingExtensionError, match="box_iou_rotated.*C\\+\\+ extension"):
+        pairwise_iou_rotated(boxes, boxes)
+    pooler = ROIAlignRotated((2, 2), spatial_scale=1.0, sampling_ratio=0)
+    with pytest.raises(compat.MissingExtensionError, match="roi_align_rotated_forward"):
+        pooler(torch.randn(1, 1, 8, 8), torch.tensor([[0.0, 4.0, 4.0, 2.0, 2.0, 0.0]]))
+    # v0.6 runs DeformConv on CPU through torchvision; on CUDA it calls these:
+    for op in ("deform_conv_forward", "modulated_deform_conv_forward"):
+        with pytest.raises(compat.MissingExtensionError, match=op):
+            getattr(C, op)()
+
+
+def test_collect_env_reports_the_stub():
+    from detectron2.utils.collect_env import collect_env_info
+
+    assert "smallbn_d2.compat's stub" in collect_env_info()
+
+
+def test_compiled_extension_is_used_untouched(tmp_path):
+    """A real detectron2._C found by the normal import system wins over the fallback."""
+    code = textwrap.dedent(
+        f"""
+        import sys, importlib.abc, importlib.machinery, types
+        class Real(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+            def find_spec(self, name, path=None, target=None):
+                if name == "detectron2._C":
+                    return importlib.machinery.ModuleSpec(name, self, origin="compiled.so")
+            def create_module(self, spec):
+                m = types.ModuleType(spec.name); m.box_iou_rotated = lambda a, b: "compiled"; return m
+            def exec_module(self, m): pass
+        sys.meta_path.insert(0, Real())
+        import smallbn_d2
+        from smallbn_d2 import compat
+        import detectron2._C as C
+        assert compat.has_compiled_ops(), C
+        assert C.box_iou_rotated(1, 2) == "compiled"
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_install_is_idempotent():
+    finders = [f for f in sys.meta_path if type(f).__name__ == "_FallbackFinder"]
+    compat.install()
+    compat.install()
+    assert len([f for f in sys.meta_path if type(f).__name__ == "_FallbackFinder"]) == len(finders) == 1
+
+
+def test_numpy_and_pillow_aliases():
+    assert np.int is int and np.float is float
+    assert np.zeros(2).astype(np.bool).dtype == bool  # NumPy 2 has np.bool again (numpy.bool_)
+    assert Image.LINEAR == Image.BILINEAR
+
+
+def test_detectron2_code_paths_that_use_removed_aliases():
+    """v0.6's mask decoding uses np.bool; its ExtentTransform defaults to Image.LINEAR."""
+    from detectron2.data.transforms import ExtentTransform
+    from detectron2.structures.masks import polygons_to_bitmask
+
+    mask = polygons_to_bitmask([np.array([0, 0, 4, 0, 4, 4, 0, 4], dtype=float)], 6, 6)
+    assert mask.dtype == bool and mask[1:4, 1:4].all() and not mask[5].any()
+    t = ExtentTransform((0, 0, 4, 4), (2, 2))
+    assert t.interp == Image.BILINEAR
+    assert importlib.import_module("detectron2.model_zoo")  # pkg_resources (setuptools < 81)
