@@ -1,9 +1,10 @@
 """Config keys of smallbn_d2: :func:`add_smallbn_config` and their validation.
 
 All keys live under ``cfg.MODEL.CBN`` (Cross-Iteration BN, Yao et al., CVPR 2021) and
-``cfg.MODEL.MABN`` (Moving Average BN, Yan et al., ICLR 2020). Units: iterations are trainer
-iterations (one optimizer step, ``SOLVER.IMS_PER_BATCH`` images over all processes); epochs are
-passes over the training set.
+``cfg.MODEL.MABN`` (Moving Average BN, Yan et al., ICLR 2020), plus ``cfg.MODEL.SMALLBN`` for
+keys common to all norms (freezing of statistics, "Rethinking Batch in BatchNorm"). Units:
+iterations are trainer iterations (one optimizer step, ``SOLVER.IMS_PER_BATCH`` images over all
+processes); epochs are passes over the training set.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from numbers import Real
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_smallbn_config", "validate_smallbn_config", "ConfigValueError"]
+__all__ = ["add_smallbn_config", "validate_smallbn_config", "scale_norm_iterations", "ConfigValueError"]
 
 
 class ConfigValueError(ValueError):
@@ -47,6 +48,10 @@ def add_smallbn_config(cfg: CN) -> CN:
     # "drop_invalid": the released code's rule: drop window entries whose compensated variance is
     # negative and average over the entries kept.
     _C.MODEL.CBN.AGGREGATION = "paper"
+    # d nu / d theta from every s-th output position (an approximation, not in the paper; 1 =
+    # exact): divides the cost of CBN's extra weight-gradient conv by about s. See
+    # docs/BENCHMARKS.md for its measured effect on speed and on the statistics.
+    _C.MODEL.CBN.GRAD_SUBSAMPLE = 1
 
     # --------------------------------------------------------------- MABN (Yan et al. 2020)
     _C.MODEL.MABN = CN()
@@ -65,6 +70,14 @@ def add_smallbn_config(cfg: CN) -> CN:
     # Box, mask and RetinaNet heads use the current batch statistics until this iteration (the
     # paper's COCO setting: 10k).
     _C.MODEL.MABN.HEAD_WARMUP_ITERS = 10000
+
+    # --------------------------------------- keys common to all norms ("Rethinking Batch in BN")
+    if "SMALLBN" not in _C.MODEL:
+        _C.MODEL.SMALLBN = CN()
+    # From this trainer iteration (0-based) on, CBN, NaiveCBN, MABN and BN layers normalize with
+    # their population statistics and stop updating them (gamma/beta and convs keep training):
+    # FrozenBN for the last part of training (smallbn_d2.engine.freeze). -1: never.
+    _C.MODEL.SMALLBN.FREEZE_NORM_STATS_ITER = -1
     return cfg
 
 
@@ -103,6 +116,8 @@ def validate_smallbn_config(cfg: CN) -> None:
     _check(_is_number(c.EPS) and c.EPS > 0, "MODEL.CBN.EPS", c.EPS, "a number > 0")
     _check(c.AGGREGATION in ("paper", "drop_invalid"), "MODEL.CBN.AGGREGATION", c.AGGREGATION,
            "'paper' or 'drop_invalid'")
+    _check(_is_int(c.GRAD_SUBSAMPLE) and c.GRAD_SUBSAMPLE >= 1, "MODEL.CBN.GRAD_SUBSAMPLE", c.GRAD_SUBSAMPLE,
+           "an integer >= 1 (1 = exact)")
 
     m = cfg.MODEL.MABN
     _check(_is_int(m.BUFFER_SIZE) and m.BUFFER_SIZE >= 1, "MODEL.MABN.BUFFER_SIZE", m.BUFFER_SIZE, "an integer >= 1")
@@ -112,3 +127,47 @@ def validate_smallbn_config(cfg: CN) -> None:
         v = m[key]
         _check(_is_int(v) and v >= 0, f"MODEL.MABN.{key}", v, "an integer >= 0 (iterations)")
     _check(_is_number(m.R_MAX) and m.R_MAX >= 1, "MODEL.MABN.R_MAX", m.R_MAX, "a number >= 1")
+    f = cfg.MODEL.SMALLBN.FREEZE_NORM_STATS_ITER
+    _check(_is_int(f) and f >= -1, "MODEL.SMALLBN.FREEZE_NORM_STATS_ITER", f,
+           "-1 (never) or an integer >= 0 (trainer iteration)")
+
+
+#: Keys counted in trainer iterations, rescaled with Detectron2's linear scaling rule.
+_ITERATION_KEYS = ("MODEL.CBN.BURN_IN_ITERS", "MODEL.MABN.WARMUP_ITERS", "MODEL.MABN.RENORM_WARMUP_ITERS",
+                   "MODEL.MABN.HEAD_WARMUP_ITERS", "MODEL.SMALLBN.FREEZE_NORM_STATS_ITER")
+
+
+def scale_norm_iterations(cfg: CN, num_workers: int) -> CN:
+    """Rescale smallbn_d2's iteration counts as ``DefaultTrainer.auto_scale_workers`` rescales
+    ``SOLVER.MAX_ITER``.
+
+    With ``SOLVER.REFERENCE_WORLD_SIZE`` = R > 0 and ``num_workers`` = W != R, Detectron2 keeps
+    the images per GPU, so an iteration holds W/R times the images and schedules are divided by
+    W/R. The same holds for the burn-in and warm-ups, which the papers give in iterations at their
+    batch size: each key of ``_ITERATION_KEYS`` that is set (not None, not -1) becomes
+    ``round(value * R / W)``. (``BURN_IN_EPOCHS`` needs no scaling.) Call it before Detectron2's
+    ``auto_scale_workers``, which then updates ``REFERENCE_WORLD_SIZE``.
+
+    Args:
+        cfg: a config with smallbn_d2's keys; not modified.
+        num_workers: the number of training processes (GPUs).
+    Returns:
+        ``cfg`` itself when no scaling applies, else a scaled clone (frozen if ``cfg`` was).
+    """
+    ref = cfg.SOLVER.REFERENCE_WORLD_SIZE
+    if ref == 0 or ref == num_workers:
+        return cfg
+    frozen = cfg.is_frozen()
+    cfg = cfg.clone()
+    cfg.defrost()
+    for key in _ITERATION_KEYS:
+        *path, leaf = key.split(".")
+        node = cfg
+        for part in path:
+            node = node[part]
+        value = node[leaf]
+        if value is not None and value >= 0:
+            node[leaf] = int(round(value * ref / num_workers))
+    if frozen:
+        cfg.freeze()
+    return cfg

@@ -1,4 +1,6 @@
 """Detectron2 engine integration: trainer, hooks and set-up helpers."""
 from .defaults import OutputDirExistsError, check_output_dir, load_config
+from .freeze import FreezeNormStatsHook, freeze_norm_statistics
 from .hooks import NormIterationHook
+from .precise_norm import PreciseNorm, update_norm_stats
 from .trainer import Trainer

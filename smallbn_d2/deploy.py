@@ -1,0 +1,487 @@
+"""Deploy CBN / MABN models at BN speed: conversion to ``FrozenBatchNorm2d`` and folding into convs.
+
+Source: CBN paper (Yao et al., CVPR 2021) Sec. 3.2 and METHODS.md CBN item 7 ("inference is
+exactly BN with population statistics"); MABN paper (Yan et al., ICLR 2020) Sec. 4.2 and
+METHODS.md MABN items 2 and 6 (inference ``y = gamma * x / sqrt(running_chi2 + eps) + beta``,
+weight centralization); "Rethinking Batch in BatchNorm" Sec. 5.2 (domain-specific, per-FPN-level
+statistics in RetinaNet's head). See ``docs/DEPLOY.md`` for the commands.
+
+In eval mode every normalization layer this module converts is a per-channel affine map
+``y = x * scale + shift`` of its (N, C, H, W) input, so it is replaced by Detectron2's
+``FrozenBatchNorm2d`` with the same eval-mode output:
+
+=============================================  ================================================
+layer (eval mode)                              FrozenBatchNorm2d (weight, bias, running_mean,
+                                               running_var)
+=============================================  ================================================
+``CrossIterationBatchNorm2d`` / ``Naive...``   gamma, beta, running_mean, running_var
+``MovingAverageBatchNorm2d``                   gamma, beta, 0, running_chi2
+``nn.BatchNorm2d`` / ``nn.SyncBatchNorm``      gamma, beta (1, 0 without affine), running_mean,
+(Detectron2's BatchNorm2d, NaiveSyncBN too)    running_var
+``CycleBatchNormList`` of the above            the same list structure (cycling over FPN levels)
+                                               of FrozenBatchNorm2d, the list's shared affine
+                                               multiplied into each level's weight/bias; the
+                                               list itself loses its affine
+=============================================  ================================================
+
+Every FrozenBatchNorm2d made here has Detectron2's default eps (:data:`FROZEN_EPS`, 1e-5, what
+``get_norm("FrozenBN", C)`` builds; eps is not saved in checkpoints); a layer with another eps
+gets ``running_var + (eps - FROZEN_EPS)`` instead, the same function.
+
+MABN's weight centralization is baked into the conv weights (the centralized values become the
+plain ``conv.weight``), and CBN's input-capturing hook is removed from its producing conv.
+
+With ``fold=True`` every ``FrozenBatchNorm2d`` that directly follows a conv (Detectron2's
+``Conv2d(..., norm=...)``, whose norm runs before its activation, or an ``nn.Conv2d`` followed by
+the norm in an ``nn.Sequential``) is folded into it: ``W'[c] = W[c] * scale[c]``,
+``b'[c] = b[c] * scale[c] + shift[c]`` (the conv gets a bias if it had none); the norm becomes
+``None`` (``Conv2d.norm``) or ``nn.Identity`` (``nn.Sequential``). Per-level norms
+(``CycleBatchNormList``) follow a conv shared by all FPN levels with per-level statistics, so
+no single conv can absorb them: they stay as FrozenBatchNorm2d (reported as kept).
+
+Loading: a converted (unfolded) R-CNN checkpoint loads strictly into the model built from the
+training config with every convertible ``NORM`` set to ``"FrozenBN"`` (:func:`frozen_bn_config`).
+:func:`build_inference_model` builds that model and adds what a config cannot express: the
+per-level FrozenBN lists of RetinaNet's head and, for folded checkpoints, the folded structure;
+:func:`load_inference_model` builds and loads strictly in one call.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .layers import (
+    CrossIterationBatchNorm2d,
+    IterationNormBase,
+    MovingAverageBatchNorm2d,
+    is_weight_centralized,
+    remove_weight_centralization,
+)
+
+__all__ = [
+    "CONVERTIBLE_NORMS",
+    "PER_LEVEL_RETINANET_NORMS",
+    "ConvertedLayer",
+    "convert_to_frozen_bn",
+    "convert_for_inference",
+    "fold_frozen_bn",
+    "frozen_bn_config",
+    "build_inference_model",
+    "load_inference_model",
+    "save_inference_checkpoint",
+    "load_checkpoint_strict",
+    "IncompatibleCheckpointError",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Config ``NORM`` names whose layers :func:`convert_to_frozen_bn` turns into FrozenBatchNorm2d.
+CONVERTIBLE_NORMS = ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "CBN", "NaiveCBN", "MABN")
+#: ``MODEL.RETINANET.NORM`` names that give RetinaNet's head per-level norms (CycleBatchNormList):
+#: Detectron2 does it for "BN"/"SyncBN", smallbn_d2's wiring for "CBN"/"NaiveCBN"/"MABN".
+PER_LEVEL_RETINANET_NORMS = ("BN", "SyncBN", "CBN", "NaiveCBN", "MABN")
+#: Key of the conversion metadata in checkpoints written by :func:`save_inference_checkpoint`.
+METADATA_KEY = "smallbn_d2_conversion"
+
+#: eps of every FrozenBatchNorm2d made here: Detectron2's default, the one ``get_norm("FrozenBN", C)``
+#: gives; a layer's own eps is moved into ``running_var`` (``running_var + FROZEN_EPS = var + eps``).
+FROZEN_EPS = 1e-5
+
+_TORCH_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+_SOURCES = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d) + _TORCH_BN + (FrozenBatchNorm2d,)
+
+
+class IncompatibleCheckpointError(RuntimeError):
+    """A checkpoint's keys do not match the model it is loaded into (missing or unexpected keys)."""
+
+
+@dataclass
+class ConvertedLayer:
+    """One entry of the conversion summary.
+
+    Attributes:
+        name: qualified module name in the model ("" for the model itself).
+        source: what was there, e.g. ``"CrossIterationBatchNorm2d"`` or
+            ``"CycleBatchNormList[5 x MovingAverageBatchNorm2d]"``.
+        channels: C.
+        action: ``"FrozenBatchNorm2d"``, ``"per-level FrozenBatchNorm2d"``,
+            ``"weight centralization baked"``, ``"folded into <conv name>"`` or ``"kept: <why>"``.
+    """
+
+    name: str
+    source: str
+    channels: int
+    action: str
+
+
+# ------------------------------------------------------------------------------ conversion
+def _eval_affine(layer: nn.Module, name: str):
+    """(mean, var, eps, gamma or None, beta or None) with eval(x) = (x - mean)/sqrt(var + eps)*gamma + beta."""
+    if isinstance(layer, CrossIterationBatchNorm2d):  # NaiveCBN included
+        return layer.running_mean, layer.running_var, layer.eps, layer.weight, layer.bias
+    if isinstance(layer, MovingAverageBatchNorm2d):
+        chi2 = layer.running_chi2
+        return torch.zeros_like(chi2), chi2, layer.eps, layer.weight, layer.bias
+    if isinstance(layer, FrozenBatchNorm2d):
+        return layer.running_mean, layer.running_var, layer.eps, layer.weight, layer.bias
+    if isinstance(layer, _TORCH_BN):
+        if layer.running_mean is None or layer.running_var is None:
+            raise ValueError(
+                f"{name or 'model'}: {type(layer).__name__} has track_running_stats=False, so its eval mode "
+                "normalizes with batch statistics, which no FrozenBatchNorm2d reproduces; allowed: BN layers "
+                "with running statistics"
+            )
+        return layer.running_mean, layer.running_var, layer.eps, layer.weight, layer.bias
+    raise TypeError(f"{name}: cannot convert {type(layer).__name__}; allowed: {[c.__name__ for c in _SOURCES]}")
+
+
+def _frozen(mean, var, eps, gamma, beta, outer_gamma=None, outer_beta=None) -> FrozenBatchNorm2d:
+    """FrozenBatchNorm2d computing outer_gamma * ((x - mean)/sqrt(var + eps) * gamma + beta) + outer_beta."""
+    with torch.no_grad():
+        dt = torch.promote_types(mean.dtype, torch.float32)
+        g = torch.ones_like(mean, dtype=dt) if gamma is None else gamma.detach().to(dt)
+        b = torch.zeros_like(mean, dtype=dt) if beta is None else beta.detach().to(dt)
+        if outer_gamma is not None:
+            b = b * outer_gamma.detach().to(dt)
+            g = g * outer_gamma.detach().to(dt)
+        if outer_beta is not None:
+            b = b + outer_beta.detach().to(dt)
+        frozen = FrozenBatchNorm2d(mean.numel(), eps=FROZEN_EPS).to(device=mean.device, dtype=dt)
+        frozen.weight.copy_(g)
+        frozen.bias.copy_(b)
+        frozen.running_mean.copy_(mean.detach())
+        # eps is no buffer (not in checkpoints) and get_norm("FrozenBN") uses the default: move the
+        # difference into running_var so that running_var + FROZEN_EPS == var + eps
+        frozen.running_var.copy_((var.detach().double() + (float(eps) - FROZEN_EPS)).to(dt))
+    return frozen
+
+
+def _release_cbn_capture(layer: nn.Module) -> None:
+    """Remove the forward pre-hook by which a CBN layer captured its producing conv's input."""
+    conv = layer.conv if isinstance(layer, IterationNormBase) else None
+    if conv is None:
+        return
+    handle = conv.__dict__.pop("_smallbn_capture", None)  # set by CrossIterationBatchNorm2d
+    if handle is not None:
+        handle.remove()
+    conv.__dict__.pop("_smallbn_conv_input", None)
+
+
+def _convert_cycle(cycle: CycleBatchNormList, name: str) -> Optional[CycleBatchNormList]:
+    inner = list(cycle)
+    if not inner or not all(isinstance(m, _SOURCES) for m in inner):
+        return None
+    outer_g = cycle.weight if getattr(cycle, "_affine", False) else None
+    outer_b = cycle.bias if getattr(cycle, "_affine", False) else None
+    levels = [_frozen(*_eval_affine(m, f"{name}.{i}"), outer_gamma=outer_g, outer_beta=outer_b)
+              for i, m in enumerate(inner)]
+    new = CycleBatchNormList(length=len(levels), bn_class=lambda num_features, affine: nn.Identity(),
+                             num_features=levels[0].num_features, affine=False)
+    for i, frozen in enumerate(levels):
+        new[i] = frozen
+    new._pos = cycle._pos  # keep the cycling phase
+    for m in inner:
+        _release_cbn_capture(m)
+    return new
+
+
+def _describe_cycle(cycle: CycleBatchNormList) -> str:
+    kinds = sorted({type(m).__name__ for m in cycle})
+    return f"CycleBatchNormList[{len(cycle)} x {'/'.join(kinds)}]"
+
+
+def _convert_module(module: nn.Module, name: str, records: List[ConvertedLayer]) -> nn.Module:
+    """Return the replacement of ``module`` (itself, converted in place, if it is no norm)."""
+    if isinstance(module, CycleBatchNormList):
+        new = _convert_cycle(module, name)
+        if new is None:
+            records.append(ConvertedLayer(name, _describe_cycle(module), -1, "kept: holds non-BN layers"))
+            return module
+        records.append(ConvertedLayer(name, _describe_cycle(module), new[0].num_features,
+                                      "per-level FrozenBatchNorm2d"))
+        return new
+    if isinstance(module, _SOURCES) and not isinstance(module, FrozenBatchNorm2d):
+        frozen = _frozen(*_eval_affine(module, name))
+        _release_cbn_capture(module)
+        records.append(ConvertedLayer(name, type(module).__name__, frozen.num_features, "FrozenBatchNorm2d"))
+        return frozen
+    for child_name, child in list(module.named_children()):
+        new = _convert_module(child, f"{name}.{child_name}" if name else child_name, records)
+        if new is not child:
+            module._modules[child_name] = new
+    return module
+
+
+def convert_for_inference(model: nn.Module, fold: bool = False) -> Tuple[nn.Module, List[ConvertedLayer]]:
+    """Convert, in place, every CBN, NaiveCBN, MABN and BN layer of ``model`` to FrozenBatchNorm2d.
+
+    See the module docstring for the exact mapping. Eval-mode outputs are unchanged (up to float
+    rounding: the conversion itself is exact, ``FrozenBatchNorm2d`` computes the same affine
+    map with other roundings; folding changes the order of operations too).
+
+    Args:
+        model: any ``nn.Module`` (a Detectron2 model built by ``smallbn_d2.build_model``, loaded
+            with its trained weights). Its train/eval mode is kept.
+        fold: also fold the FrozenBatchNorm2d layers into their preceding convs
+            (:func:`fold_frozen_bn`).
+    Returns:
+        (the converted model, the list of :class:`ConvertedLayer` records). The model is
+        ``model`` itself unless ``model`` is a norm layer (then a new module).
+    Raises:
+        ValueError: a BN layer without running statistics (``track_running_stats=False``), or
+            (``fold=True``) a conv weight with a parametrization other than weight centralization.
+    """
+    if not isinstance(fold, bool):
+        raise TypeError(f"fold = {fold!r} is invalid; allowed: True or False")
+    records: List[ConvertedLayer] = []
+    # CBN layers must release their convs before the layers disappear from the model
+    model = _convert_module(model, "", records)
+    for name, module in list(model.named_modules()):
+        if is_weight_centralized(module):
+            remove_weight_centralization(module, bake=True)
+            records.append(ConvertedLayer(name, type(module).__name__, module.out_channels
+                                          if hasattr(module, "out_channels") else module.weight.shape[0],
+                                          "weight centralization baked"))
+    if fold:
+        records += fold_frozen_bn(model)
+    n = sum(r.action.endswith("FrozenBatchNorm2d") for r in records)
+    logger.info(f"smallbn_d2.deploy: {n} norm layers converted to FrozenBatchNorm2d"
+                + (f", {sum(r.action.startswith('folded') for r in records)} folded" if fold else ""))
+    return model, records
+
+
+def convert_to_frozen_bn(model: nn.Module, fold: bool = False) -> nn.Module:
+    """Convert CBN / NaiveCBN / MABN / BN layers to FrozenBatchNorm2d (and fold them if asked).
+
+    In place; same as :func:`convert_for_inference` but returns only the model.
+
+    Args:
+        model: the trained model (see :func:`convert_for_inference`).
+        fold: fold the frozen norms into their preceding convs.
+    Returns:
+        the converted model (``model`` itself unless ``model`` is a norm layer).
+    Raises:
+        as :func:`convert_for_inference`.
+    """
+    return convert_for_inference(model, fold=fold)[0]
+
+
+# ------------------------------------------------------------------------------ folding
+@torch.no_grad()
+def _fold_into(conv: nn.Conv2d, norm: FrozenBatchNorm2d, name: str) -> None:
+    if is_weight_centralized(conv):
+        remove_weight_centralization(conv, bake=True)
+    if parametrize.is_parametrized(conv):
+        raise ValueError(f"{name}: cannot fold into a conv whose weight carries a parametrization "
+                         f"({list(conv.parametrizations)}); allowed: plain or weight-centralized convs")
+    if conv.out_channels != norm.num_features:
+        raise ValueError(f"{name}: conv out_channels = {conv.out_channels} but the norm has "
+                         f"{norm.num_features} channels; allowed: equal")
+    w = conv.weight
+    dt = torch.float64
+    scale = norm.weight.to(dt) * torch.rsqrt(norm.running_var.to(dt) + norm.eps)
+    shift = norm.bias.to(dt) - norm.running_mean.to(dt) * scale
+    old_bias = conv.bias.to(dt) if conv.bias is not None else torch.zeros_like(shift)
+    new_w = (w.to(dt) * scale.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+    new_b = (old_bias * scale + shift).to(w.dtype)
+    conv.weight = nn.Parameter(new_w, requires_grad=w.requires_grad)
+    conv.bias = nn.Parameter(new_b, requires_grad=w.requires_grad)
+
+
+def fold_frozen_bn(model: nn.Module) -> List[ConvertedLayer]:
+    """Fold, in place, every FrozenBatchNorm2d that directly follows a conv into that conv.
+
+    Foldable: ``conv.norm`` of Detectron2's ``Conv2d`` (the norm runs before the activation),
+    and a FrozenBatchNorm2d right after an ``nn.Conv2d`` without own norm or activation in an
+    ``nn.Sequential``. The conv gets ``W * scale`` and a bias ``b * scale + shift`` (computed in
+    float64, stored in the conv's dtype); the norm becomes ``None`` / ``nn.Identity()``.
+    A weight-centralized conv is baked first. Every other FrozenBatchNorm2d, notably the
+    per-level ones of a ``CycleBatchNormList`` (one shared conv, several statistics), stays.
+
+    Args:
+        model: any ``nn.Module``.
+    Returns:
+        records (:class:`ConvertedLayer`) of the folded and of the kept FrozenBatchNorm2d layers.
+    Raises:
+        ValueError: a conv with another weight parametrization, or a channel mismatch.
+    """
+    records: List[ConvertedLayer] = []
+    folded = set()
+    modules = list(model.named_modules())
+    for name, module in modules:
+        if isinstance(module, nn.Conv2d) and isinstance(getattr(module, "norm", None), FrozenBatchNorm2d):
+            norm = module.norm
+            _fold_into(module, norm, name)
+            module.norm = None
+            folded.add(id(norm))
+            records.append(ConvertedLayer(f"{name}.norm", "FrozenBatchNorm2d", norm.num_features,
+                                          f"folded into {name}"))
+        if isinstance(module, nn.Sequential):
+            for i in range(1, len(module)):
+                prev, cur = module[i - 1], module[i]
+                if (isinstance(prev, nn.Conv2d) and isinstance(cur, FrozenBatchNorm2d)
+                        and getattr(prev, "norm", None) is None and getattr(prev, "activation", None) is None):
+                    conv_name = f"{name}.{i - 1}" if name else str(i - 1)
+                    _fold_into(prev, cur, conv_name)
+                    module[i] = nn.Identity()
+                    folded.add(id(cur))
+                    records.append(ConvertedLayer(f"{name}.{i}" if name else str(i), "FrozenBatchNorm2d",
+                                                  cur.num_features, f"folded into {conv_name}"))
+    cycles = {id(m) for _, c in modules if isinstance(c, CycleBatchNormList) for m in c}
+    for name, module in modules:
+        if isinstance(module, FrozenBatchNorm2d) and id(module) not in folded:
+            why = ("kept: per-level statistics (CycleBatchNormList) after a conv shared by all levels"
+                   if id(module) in cycles else "kept: no directly preceding conv")
+            records.append(ConvertedLayer(name, "FrozenBatchNorm2d", module.num_features, why))
+    return records
+
+
+# ------------------------------------------------------------------------------ configs / loading
+def frozen_bn_config(cfg: CfgNode) -> CfgNode:
+    """A copy of ``cfg`` with every ``NORM`` key whose value is in :data:`CONVERTIBLE_NORMS` set to
+    ``"FrozenBN"`` (e.g. ``MODEL.RESNETS.NORM``, ``MODEL.FPN.NORM``, ``MODEL.ROI_BOX_HEAD.NORM``,
+    ``MODEL.ROI_MASK_HEAD.NORM``, ``MODEL.RETINANET.NORM``). Other norms (GN, "") are kept.
+
+    Args:
+        cfg: a Detectron2 config (not modified).
+    Returns:
+        a new, unfrozen ``CfgNode``.
+    """
+    out = cfg.clone()
+    out.defrost()
+
+    def walk(node: CfgNode) -> None:
+        for key, value in node.items():
+            if isinstance(value, CfgNode):
+                walk(value)
+            elif key == "NORM" and value in CONVERTIBLE_NORMS:
+                node[key] = "FrozenBN"
+
+    walk(out)
+    return out
+
+
+def _per_level_frozen_retinanet(model: nn.Module) -> None:
+    for head in model.modules():
+        if not isinstance(head, RetinaNetHead):
+            continue
+        for subnet in (head.cls_subnet, head.bbox_subnet):
+            for i, module in enumerate(subnet):
+                if isinstance(module, FrozenBatchNorm2d):
+                    C = module.num_features
+                    cycle = CycleBatchNormList(length=head._num_features, num_features=C, affine=False,
+                                               bn_class=lambda num_features, affine: FrozenBatchNorm2d(num_features))
+                    subnet[i] = cycle.to(module.running_mean.device)
+
+
+def build_inference_model(cfg: CfgNode, fold: bool = False) -> nn.Module:
+    """Build the model that a checkpoint converted from a model of ``cfg`` loads into, strictly.
+
+    The model of :func:`frozen_bn_config` (``cfg``'s norms as FrozenBN); if
+    ``cfg.MODEL.RETINANET.NORM`` gives per-level norms (:data:`PER_LEVEL_RETINANET_NORMS`), the
+    FrozenBN layers of RetinaNet's head become per-level lists, as conversion makes them; with
+    ``fold=True`` the folded structure of :func:`fold_frozen_bn` (parameter values are
+    placeholders until the checkpoint is loaded). Weights are not loaded; the model is in eval
+    mode on ``cfg.MODEL.DEVICE``.
+
+    Args:
+        cfg: the training config of the converted model (with smallbn_d2's keys).
+        fold: whether the checkpoint was converted with ``fold=True``.
+    Returns:
+        the model.
+    """
+    from .modeling import build_model
+
+    per_level = cfg.MODEL.META_ARCHITECTURE == "RetinaNet" and cfg.MODEL.RETINANET.NORM in PER_LEVEL_RETINANET_NORMS
+    model = build_model(frozen_bn_config(cfg))
+    if per_level:
+        _per_level_frozen_retinanet(model)
+    if fold:
+        fold_frozen_bn(model)
+    return model.eval()
+
+
+def save_inference_checkpoint(model: nn.Module, path: str, fold: bool, overwrite: bool = False) -> None:
+    """Write ``model`` as a Detectron2 checkpoint (``{"model": state_dict, ...}``, loadable by
+    ``DetectionCheckpointer``) with the conversion metadata ``{"fold": fold}``.
+
+    Unlike ``DetectionCheckpointer.save`` it writes no ``last_checkpoint`` file, so converting
+    into a training output directory cannot redirect a later ``--resume``.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    from detectron2.utils.file_io import PathManager
+
+    if PathManager.exists(path) and not overwrite:
+        raise FileExistsError(f"{path!r} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
+    data = {"model": model.state_dict(), METADATA_KEY: {"fold": bool(fold)}}
+    with PathManager.open(path, "wb") as f:
+        torch.save(data, f)
+
+
+def load_checkpoint_strict(model: nn.Module, path: str) -> Dict:
+    """Load a Detectron2 checkpoint into ``model`` with ``DetectionCheckpointer``, strictly.
+
+    Args:
+        model: the model.
+        path: a ``.pth``/``.pkl`` checkpoint (or any path Detectron2's PathManager resolves).
+    Returns:
+        the checkpoint's other entries (e.g. ``"iteration"``, the conversion metadata).
+    Raises:
+        IncompatibleCheckpointError: missing or unexpected keys, or entries of another shape
+            (Detectron2 only logs these).
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    checkpointer = DetectionCheckpointer(model)
+    checkpoint = checkpointer._load_file(path)
+    incompatible = checkpointer._load_model(checkpoint)
+    missing = list(getattr(incompatible, "missing_keys", []))
+    unexpected = list(getattr(incompatible, "unexpected_keys", []))
+    shapes = [k for k, *_ in getattr(incompatible, "incorrect_shapes", [])]
+    if missing or unexpected or shapes:
+        def show(keys):
+            return f"{keys[:8]}{' ...' if len(keys) > 8 else ''}"
+
+        raise IncompatibleCheckpointError(
+            f"{path!r} does not match the model: missing keys {show(missing)}, unexpected keys "
+            f"{show(unexpected)}, keys of another shape {show(shapes)}. Is it a checkpoint of a model of this "
+            "config (for a converted checkpoint: with the fold setting it was converted with)?"
+        )
+    checkpoint.pop("model", None)
+    return checkpoint
+
+
+def load_inference_model(cfg: CfgNode, weights: str, fold: Optional[bool] = None) -> nn.Module:
+    """Build :func:`build_inference_model` and load a converted checkpoint into it, strictly.
+
+    Args:
+        cfg: the training config of the converted model.
+        weights: path of the converted checkpoint.
+        fold: whether it is folded; None reads it from the checkpoint's metadata (written by
+            :func:`save_inference_checkpoint`).
+    Returns:
+        the model in eval mode.
+    Raises:
+        ValueError: ``fold`` is None and the checkpoint has no conversion metadata.
+        IncompatibleCheckpointError: missing or unexpected keys.
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    if fold is None:
+        meta = DetectionCheckpointer(nn.Module())._load_file(weights).get(METADATA_KEY)
+        if meta is None:
+            raise ValueError(f"{weights!r} has no {METADATA_KEY!r} metadata; pass fold=True or fold=False")
+        fold = bool(meta["fold"])
+    model = build_inference_model(cfg, fold=fold)
+    load_checkpoint_strict(model, weights)
+    return model.eval()

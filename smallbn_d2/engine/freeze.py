@@ -1,0 +1,93 @@
+"""Freezing of normalization statistics for the last part of training.
+
+Source: Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021), Sec. 4 (train-test
+inconsistency; using population statistics, i.e. FrozenBN, in the last iterations of training
+removes it); METHODS.md, last section. Config: ``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER`` (-1: off).
+
+Mechanism. Every normalization layer that keeps population statistics already has a "frozen"
+mode that normalizes with them and updates nothing: its eval mode. So freezing puts exactly
+those layers in eval mode while the rest of the model trains:
+
+* CBN / NaiveCBN (eval: BN with ``running_mean``/``running_var``), MABN (eval:
+  ``gamma * x / sqrt(running_chi2 + eps) + beta``) and torch BN (``nn.BatchNorm1d/2d/3d``,
+  ``nn.SyncBatchNorm``, Detectron2's ``BatchNorm2d``/``NaiveSyncBatchNorm``; eval: running
+  statistics), inner layers of ``CycleBatchNormList`` included. gamma/beta stay parameters in
+  the autograd graph and keep training, as do the convs; no statistic, window, SMA buffer or
+  ``num_batches_tracked`` changes any more.
+* The producing conv of a frozen CBN layer is put in eval mode too (a conv computes the same in
+  both modes; in training mode it would keep capturing its input for the CBN window, holding
+  that activation until the next step).
+
+Flags are set on the modules themselves (``module.training = False``, not recursive), so
+``model.train()``, which Detectron2 calls e.g. after every evaluation, unfreezes them:
+:class:`FreezeNormStatsHook` therefore re-applies the freeze before *every* step with
+``trainer.iter >= N``, which also makes it survive ``--resume`` at an iteration > N.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List
+
+from detectron2.engine import HookBase
+from fvcore.nn.precise_bn import BN_MODULE_TYPES
+from torch import nn
+
+from ..layers import CrossIterationBatchNorm2d, IterationNormBase
+
+__all__ = ["freeze_norm_statistics", "statistics_layers", "FreezeNormStatsHook"]
+
+logger = logging.getLogger(__name__)
+
+
+def statistics_layers(model: nn.Module) -> List[nn.Module]:
+    """The layers of ``model`` that keep population statistics: CBN, NaiveCBN, MABN and torch BN."""
+    return [m for m in model.modules() if isinstance(m, (IterationNormBase,) + tuple(BN_MODULE_TYPES))]
+
+
+def freeze_norm_statistics(model: nn.Module) -> int:
+    """Make every CBN / NaiveCBN / MABN / BN layer of ``model`` use and keep its population
+    statistics (eval-mode normalization) while the model trains; see the module docstring.
+
+    Idempotent; ``model.train()`` undoes it.
+
+    Args:
+        model: any ``nn.Module`` (e.g. a Detectron2 model, possibly DDP-wrapped).
+    Returns:
+        the number of norm layers frozen (in eval mode after the call).
+    """
+    layers = statistics_layers(model)
+    for layer in layers:
+        layer.training = False
+        if isinstance(layer, CrossIterationBatchNorm2d) and layer.conv is not None:
+            layer.conv.training = False
+    return len(layers)
+
+
+class FreezeNormStatsHook(HookBase):
+    """Detectron2 hook: before every step with ``trainer.iter >= start_iter``, call
+    :func:`freeze_norm_statistics` on the trainer's model.
+
+    Register it after :class:`smallbn_d2.engine.NormIterationHook` (the Trainer does so when
+    ``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER >= 0``).
+
+    Args:
+        start_iter: N, the first (0-based) trainer iteration trained with frozen statistics;
+            integer >= 0.
+    Raises:
+        ValueError: ``start_iter`` is not an integer >= 0.
+    """
+
+    def __init__(self, start_iter: int):
+        if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
+            raise ValueError(f"start_iter = {start_iter!r} is invalid; allowed: an integer >= 0 (iterations)")
+        self.start_iter = start_iter
+        self._announced = False
+
+    def before_step(self):
+        if self.trainer.iter < self.start_iter:
+            return
+        n = freeze_norm_statistics(self.trainer.model)
+        if not self._announced:
+            logger.info(f"Iteration {self.trainer.iter}: normalization statistics frozen in {n} layers "
+                        f"(MODEL.SMALLBN.FREEZE_NORM_STATS_ITER = {self.start_iter})")
+            self._announced = True

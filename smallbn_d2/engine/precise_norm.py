@@ -1,0 +1,214 @@
+"""PreciseBN for CBN and MABN (and BN): population statistics recomputed with the final weights.
+
+Source: Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021), Sec. 3 (PreciseBN) and its
+appendix (population variance of small batches); METHODS.md, last section. Detectron2's
+``hooks.PreciseBN`` (``TEST.PRECISE_BN``) calls ``fvcore.nn.precise_bn.update_bn_stats``, which
+only sees ``nn.BatchNorm*`` layers; :func:`update_norm_stats` covers CBN, NaiveCBN and MABN too,
+in the same forward passes, and :class:`PreciseNorm` is the hook that replaces Detectron2's.
+
+Definition (per channel c, over every position (n, h, w) of every batch the layer saw during
+the ``num_iters`` forward passes, in float64; P = total number of positions):
+
+* CBN / NaiveCBN: ``running_mean = sum(x) / P`` and ``running_var = sum(x^2) / P - running_mean^2``,
+  the exact mean and (biased) variance of the pooled inputs. This is the definition fvcore's
+  ``update_bn_stats`` uses for BN (its ``_PopulationVarianceEstimator``: per-batch statistics
+  weighted by batch size, the Bessel correction undone), recommended by the paper's appendix for
+  small batches; it is *not* the average of per-batch variances (which omits the spread of the
+  batch means and is what the training-time EMA of CBN tracks).
+* MABN: ``running_chi2 = sum(x^2) / P``, the exact E[x^2] of the pooled inputs (for equal batch
+  sizes, the average of the per-batch E[x^2]).
+* BN (``nn.BatchNorm*``): handled by fvcore's ``update_bn_stats`` itself, unchanged.
+
+The statistics are read from the layers' inputs by forward hooks, not through the layers'
+training forward, whose cross-iteration state (CBN's window, MABN's SMA buffers, iteration tags)
+must not change: during the recompute each CBN/MABN layer runs its eval path (which writes no
+state) and a forward hook replaces its output by the normalization with the *current batch's*
+statistics: CBN as BN with the batch mean/variance (CBN with k = 1, its burn-in behaviour), MABN
+with the batch E[x^2] and r = 1 (its warm-up behaviour). This is what fvcore does for BN (the
+model runs in training mode, BN normalizes with batch statistics), so downstream layers see the
+features they would see in BN-style training. The producing convs of CBN layers are put in eval
+mode meanwhile, so that they do not capture their inputs for the window. Every mode flag is
+restored afterwards; only ``running_mean``/``running_var`` (CBN) and ``running_chi2`` (MABN)
+change.
+
+Only layers in training mode are recomputed (fvcore's rule), so layers whose statistics were
+frozen (:mod:`smallbn_d2.engine.freeze`) keep theirs.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from detectron2.engine import HookBase
+from detectron2.utils.events import EventStorage
+from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
+from torch import nn
+
+from ..layers import CrossIterationBatchNorm2d, IterationNormBase, MovingAverageBatchNorm2d
+
+__all__ = ["update_norm_stats", "precise_norm_layers", "PreciseNorm"]
+
+logger = logging.getLogger(__name__)
+
+
+def precise_norm_layers(model: nn.Module) -> List[Tuple[str, IterationNormBase]]:
+    """``(name, layer)`` of the CBN / NaiveCBN / MABN layers of ``model`` in training mode."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d)) and m.training]
+
+
+class _Accumulator:
+    """Per-channel float64 sums of x and x^2 over all positions of all batches, and their count."""
+
+    def __init__(self, layer: IterationNormBase):
+        dev = next(layer.buffers()).device
+        self.layer = layer
+        self.sum = torch.zeros(layer.num_features, dtype=torch.float64, device=dev)
+        self.sum_sq = torch.zeros(layer.num_features, dtype=torch.float64, device=dev)
+        self.count = 0
+
+    def __call__(self, module: nn.Module, inputs, output):
+        x = inputs[0]
+        if x.numel() == 0:
+            return None
+        dims = (0,) + tuple(range(2, x.dim()))
+        xd = x.detach().to(torch.float64)
+        s = xd.sum(dims)
+        ss = (xd * xd).sum(dims)
+        n = x.numel() // x.shape[1]
+        self.sum += s
+        self.sum_sq += ss
+        self.count += n
+        return _batch_normalize(module, x, s / n, ss / n)
+
+
+def _batch_normalize(layer: IterationNormBase, x: torch.Tensor, mean: torch.Tensor, sq_mean: torch.Tensor):
+    """The layer's normalization with the current batch's statistics (see the module docstring)."""
+    if isinstance(layer, MovingAverageBatchNorm2d):
+        scale = torch.rsqrt(sq_mean + layer.eps)
+        shift = torch.zeros_like(scale)
+    else:
+        var = (sq_mean - mean * mean).clamp_min(0)
+        scale = torch.rsqrt(var + layer.eps)
+        shift = -mean * scale
+    if layer.affine:
+        w = layer.weight.detach().to(torch.float64)
+        scale, shift = scale * w, shift * w + layer.bias.detach().to(torch.float64)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * scale.to(x.dtype).view(shape) + shift.to(x.dtype).view(shape)
+
+
+@torch.no_grad()
+def update_norm_stats(model: nn.Module, data_loader: Iterable[Any], num_iters: int = 200,
+                      progress: Optional[str] = None) -> Dict[str, int]:
+    """Recompute the population statistics of BN, CBN, NaiveCBN and MABN layers (PreciseBN).
+
+    Runs ``model(inputs)`` for ``num_iters`` items of ``data_loader`` (one pass for all layer
+    types) inside a throw-away ``EventStorage``; see the module docstring for the exact
+    statistics and for what the CBN/MABN layers compute meanwhile. Only layers in training mode
+    are updated (put the model in training mode, as Detectron2's trainer has it).
+
+    Args:
+        model: e.g. a Detectron2 model in training mode (inputs: lists of dataset dicts).
+        data_loader: an iterable with at least ``num_iters`` items.
+        num_iters: number of forward passes (iterations, each one batch), integer >= 1.
+        progress: None or "tqdm" (passed to fvcore).
+    Returns:
+        ``{layer name: P}``, the number of positions (N x H x W summed over all batches) each
+        CBN/MABN layer's statistics are computed from. A layer that saw no input keeps its
+        statistics (P = 0, logged as a warning).
+    Raises:
+        ValueError: ``num_iters`` < 1, or ``data_loader`` ended before ``num_iters`` items.
+    """
+    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
+        raise ValueError(f"num_iters = {num_iters!r} is invalid; allowed: an integer >= 1")
+    layers = precise_norm_layers(model)
+    has_bn = len(get_bn_modules(model)) > 0
+    if not layers and not has_bn:
+        return {}
+    accumulators = [_Accumulator(layer) for _, layer in layers]
+    # mode flags to restore: the layers (eval path: no state writes) and CBN's producing convs
+    saved: Dict[nn.Module, bool] = {}
+    for _, layer in layers:
+        saved[layer] = layer.training
+        if isinstance(layer, CrossIterationBatchNorm2d) and layer.conv is not None:
+            saved[layer.conv] = layer.conv.training
+    handles = [layer.register_forward_hook(acc) for (_, layer), acc in zip(layers, accumulators)]
+    try:
+        for module in saved:
+            module.training = False
+        logger.info(f"Computing precise statistics for {len(layers)} CBN/MABN layers"
+                    + (" and the BN layers" if has_bn else "") + f" over {num_iters} iterations ...")
+        with EventStorage():
+            if has_bn:
+                update_bn_stats(model, data_loader, num_iters, progress=progress)
+            else:
+                done = 0
+                for inputs in itertools.islice(data_loader, num_iters):
+                    model(inputs)
+                    done += 1
+                if done != num_iters:
+                    raise ValueError(f"update_norm_stats is meant to run {num_iters} iterations, but the data "
+                                     f"loader stopped after {done}")
+    finally:
+        for h in handles:
+            h.remove()
+        for module, flag in saved.items():
+            module.training = flag
+    counts = {}
+    for (name, layer), acc in zip(layers, accumulators):
+        counts[name] = acc.count
+        if acc.count == 0:
+            logger.warning(f"PreciseBN: {name} ({type(layer).__name__}) saw no input; its statistics are kept")
+            continue
+        sq_mean = acc.sum_sq / acc.count
+        if isinstance(layer, MovingAverageBatchNorm2d):
+            layer.running_chi2.copy_(sq_mean.to(layer.running_chi2.dtype))
+        else:
+            mean = acc.sum / acc.count
+            layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
+            layer.running_var.copy_((sq_mean - mean * mean).clamp_min(0).to(layer.running_var.dtype))
+    return counts
+
+
+class PreciseNorm(HookBase):
+    """Detectron2 hook: :func:`update_norm_stats` every ``period`` iterations and after the last.
+
+    The counterpart of ``detectron2.engine.hooks.PreciseBN`` (same arguments, same schedule:
+    after the step whose ``iter + 1`` is a multiple of ``period``, and after the final
+    iteration), covering CBN, NaiveCBN and MABN besides BN. :class:`smallbn_d2.engine.Trainer`
+    installs it instead of Detectron2's when ``TEST.PRECISE_BN.ENABLED``, with
+    ``period = TEST.EVAL_PERIOD`` and ``num_iter = TEST.PRECISE_BN.NUM_ITER``.
+
+    Args:
+        period: iterations between runs; 0: only after the last iteration.
+        model: the model (in training mode when the hook runs).
+        data_loader: yields model inputs (a separate training loader, as Detectron2 builds).
+        num_iter: forward passes per run, integer >= 1.
+    Raises:
+        ValueError: ``period`` < 0 or ``num_iter`` < 1.
+    """
+
+    def __init__(self, period: int, model: nn.Module, data_loader: Iterable[Any], num_iter: int):
+        if isinstance(period, bool) or not isinstance(period, int) or period < 0:
+            raise ValueError(f"period = {period!r} is invalid; allowed: an integer >= 0 (iterations)")
+        if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1:
+            raise ValueError(f"TEST.PRECISE_BN.NUM_ITER = {num_iter!r} is invalid; allowed: an integer >= 1")
+        self._model = model
+        self._data_loader = data_loader
+        self._num_iter = num_iter
+        self._period = period
+        self._data_iter = None
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if next_iter == self.trainer.max_iter or (self._period > 0 and next_iter % self._period == 0):
+            self.update_stats()
+
+    def update_stats(self) -> Dict[str, int]:
+        """Run :func:`update_norm_stats` now (the data iterator persists across runs)."""
+        if self._data_iter is None:
+            self._data_iter = iter(self._data_loader)
+        return update_norm_stats(self._model, self._data_iter, self._num_iter)
