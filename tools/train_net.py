@@ -6,6 +6,11 @@ Detectron2's usual command line::
     python tools/train_net.py --config-file configs/.../x.yaml [--num-gpus N] [--resume]
         [--eval-only] [--allow-existing-output-dir] [KEY VALUE ...]
 
+With ``MODEL.DEVICE cpu``, ``--num-gpus N`` starts N CPU processes with the gloo backend
+(``smallbn_d2.engine.launch``; synchronized BN on CPU is "naiveSyncBN"). Bad input (config
+values, norm names, dataset paths, output dir, checkpoint shapes) is reported as one clear
+message before training starts.
+
 A new run refuses a non-empty OUTPUT_DIR (``--resume`` continues the run there,
 ``--allow-existing-output-dir`` overrides). Datasets: ``$DETECTRON2_DATASETS``, else
 ``./datasets``, else ``<repo>/datasets``, else ``<repo>/../shared/datasets``.
@@ -14,17 +19,20 @@ import logging
 import sys
 
 import smallbn_d2  # noqa: F401  (first: compatibility fixes, datasets root, norm names)
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from smallbn_d2.checkpoint import NormCheckpointer, NormStateShapeError
 from smallbn_d2.config import ConfigValueError
 from smallbn_d2.data import DatasetsNotFoundError, check_datasets_exist
 from smallbn_d2.engine import OutputDirExistsError, Trainer, check_output_dir, load_config
+from smallbn_d2.engine.launch import check_cpu_distributed, check_norm_names, launch
 from smallbn_d2.layers import NormNotWiredError
 
 # Errors caused by the user's input; printed without a traceback.
-USER_ERRORS = (OutputDirExistsError, ConfigValueError, DatasetsNotFoundError, NormNotWiredError, FileNotFoundError)
+USER_ERRORS = (OutputDirExistsError, ConfigValueError, DatasetsNotFoundError, NormNotWiredError, FileNotFoundError,
+               NormStateShapeError)
 
 logger = logging.getLogger("smallbn_d2")
 
@@ -34,6 +42,8 @@ def setup(args):
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # smallbn_d2's own messages (burn-in length, wiring, warnings) go to log.txt too.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="smallbn_d2")
     return cfg
 
 
@@ -42,7 +52,7 @@ def main(args):
     check_datasets_exist(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        NormCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -63,12 +73,17 @@ def argument_parser():
 def cli():
     args = argument_parser().parse_args()
     try:
-        # Checked once, before any process writes to OUTPUT_DIR.
-        check_output_dir(load_config(args.config_file, args.opts).OUTPUT_DIR, resume=args.resume,
-                         eval_only=args.eval_only, allow_existing=args.allow_existing_output_dir)
+        # Checked once, before any process starts or writes to OUTPUT_DIR.
+        cfg = load_config(args.config_file, args.opts)
+        check_output_dir(cfg.OUTPUT_DIR, resume=args.resume, eval_only=args.eval_only,
+                         allow_existing=args.allow_existing_output_dir)
+        check_norm_names(cfg)
+        check_cpu_distributed(cfg, args.num_gpus * args.num_machines)
+        check_datasets_exist(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
         print("Command Line Args:", args)
+        # MODEL.DEVICE "cpu": --num-gpus N gloo processes (smallbn_d2.engine.launch); else Detectron2's launch
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
+               dist_url=args.dist_url, args=(args,), device=cfg.MODEL.DEVICE)
     except USER_ERRORS as e:  # bad input: a clear message, no traceback
         sys.exit(f"train_net.py: error: {type(e).__name__}: {e}")
 
