@@ -35,8 +35,10 @@ from .modeling import (  # noqa: E402
     supported_norms,
 )
 from .modeling import norms as _norms  # noqa: E402
+from .deploy import convert_to_frozen_bn  # noqa: E402
 
 _norms.install()
+_compat.fix_retinanet_norm_probe()  # after the datasets root: it imports detectron2.modeling
 if "CBN" not in _norms.NORM_REGISTRY:
     register_norm("CBN", CrossIterationBatchNorm2d)
     register_norm("NaiveCBN", NaiveCrossIterationBatchNorm2d)
@@ -56,4 +58,5 @@ __all__ = [
     "register_norm",
     "set_norm_iteration",
     "supported_norms",
+    "convert_to_frozen_bn",
 ]

@@ -123,3 +123,30 @@ def has_compiled_ops() -> bool:
     import detectron2._C as ext
 
     return not getattr(ext, "__smallbn_stub__", False)
+
+
+def fix_retinanet_norm_probe() -> None:
+    """Let Detectron2 v0.6's ``RetinaNetHead`` be built with ``MODEL.RETINANET.NORM: "GN"``.
+
+    v0.6's ``RetinaNetHead.__init__`` calls ``get_norm(norm, 1)`` for any norm other than
+    "BN"/"SyncBN", only to log the layer's type; torch >= 1.13 rejects ``GroupNorm(32, 1)``
+    (1 channel is not divisible by 32 groups), so a GN RetinaNet head cannot be built. Later
+    Detectron2 versions probe with 32 channels; this does the same by rebinding the name
+    ``get_norm`` in ``detectron2.modeling.meta_arch.retinanet`` only (the head's real layers
+    have ``MODEL.FPN.OUT_CHANNELS`` channels and are unaffected). Idempotent; raises nothing.
+
+    Imports ``detectron2.modeling`` (hence ``detectron2.data``): ``import smallbn_d2`` calls it
+    after the datasets root is set.
+    """
+    from detectron2.modeling.meta_arch import retinanet
+
+    probed = retinanet.get_norm
+    if getattr(probed, "__smallbn_probe_fix__", False):
+        return
+
+    def get_norm(norm, out_channels):
+        return probed(norm, 32 if out_channels == 1 else out_channels)
+
+    get_norm.__smallbn_probe_fix__ = True
+    get_norm.__doc__ = probed.__doc__
+    retinanet.get_norm = get_norm

@@ -3,13 +3,24 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 from detectron2.engine import DefaultTrainer
+from detectron2.engine import hooks as d2_hooks
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from fvcore.nn.precise_bn import get_bn_modules
 
+from ..checkpoint import NormCheckpointer
 from ..compat import has_compiled_ops
+from ..config import scale_norm_iterations
 from ..modeling import build_model
+from .freeze import FreezeNormStatsHook
 from .hooks import NormIterationHook
+from .resources import InferenceTimer, PeakMemoryHook, append_inference_time
+from .syncbn import warn_single_process_syncbn
+from .precise_norm import PreciseNorm, precise_norm_layers
 
 __all__ = ["Trainer"]
 
@@ -21,17 +32,72 @@ class Trainer(DefaultTrainer):
 
     * :meth:`build_model`: ``detectron2.modeling.build_model`` + ``prepare_norms`` (producing
       convs, hyperparameters from ``cfg.MODEL.CBN``/``cfg.MODEL.MABN``, per-level RetinaNet norms).
-    * :meth:`build_hooks`: :class:`NormIterationHook` first, then Detectron2's default hooks.
+    * :meth:`build_hooks`: :class:`NormIterationHook` first, then freezing of the norm
+      statistics (``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER``), then Detectron2's default hooks
+      with PreciseBN covering CBN and MABN (:class:`PreciseNorm`).
+    * Run records for ``tools/compare_runs.py``: peak memory in ``metrics.json`` every step
+      (:class:`~smallbn_d2.engine.resources.PeakMemoryHook`) and inference s/image from :meth:`test`;
+      a warning when SyncBN runs in a single process (it is then plain BN).
     * :meth:`build_evaluator`: ``COCOEvaluator`` (box AP, and mask AP when ``MODEL.MASK_ON``),
       writing ``inference/coco_instances_results.json``; it uses pycocotools' COCOeval when
       Detectron2's compiled ``_C`` is absent (same numbers, slower).
+    * ``self.checkpointer`` is a :class:`smallbn_d2.checkpoint.NormCheckpointer`: it loads BN /
+      FrozenBN checkpoints into CBN/MABN models and refuses mis-shaped CBN/MABN state with a
+      clear error (saving is Detectron2's).
+    * :meth:`state_dict` includes the optimizer state (Detectron2 v0.6 omits it), so that
+      ``--resume`` is exact.
     """
+
+    def __init__(self, cfg):
+        # Detectron2 rescales its own schedule for the number of GPUs (SOLVER.REFERENCE_WORLD_SIZE)
+        # and the norms' burn-in/warm-ups must follow (smallbn_d2.config.scale_norm_iterations).
+        cfg = scale_norm_iterations(cfg, comm.get_world_size())
+        super().__init__(cfg)
+        self.checkpointer = NormCheckpointer(self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        for hook in self._hooks:
+            if isinstance(hook, d2_hooks.PeriodicCheckpointer):
+                hook.checkpointer = self.checkpointer
+
+    # Detectron2 v0.6's DefaultTrainer checkpoints only the iteration and the hooks (LR
+    # scheduler): the optimizer state (SGD momentum buffers; AMP's grad scaler) was lost on
+    # --resume. It is saved under "_trainer", as later Detectron2 versions do.
+    def state_dict(self):
+        """Detectron2's trainer state plus ``"_trainer"``: the optimizer (and grad scaler) state."""
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        """Inverse of :meth:`state_dict`; a checkpoint without ``"_trainer"`` (written by plain
+        Detectron2 v0.6) restores everything but the optimizer state, with a warning."""
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("The checkpoint has no optimizer state (written by Detectron2 v0.6's DefaultTrainer): "
+                           "the optimizer (SGD momentum) starts afresh.")
 
     @classmethod
     def build_model(cls, cfg):
         model = build_model(cfg)
         logger.info("Model:\n{}".format(model))
+        warn_single_process_syncbn(model, comm.get_world_size(), cfg.SOLVER.IMS_PER_BATCH)
         return model
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """``DefaultTrainer.test``, also timing the model's forward calls: s/image is appended to
+        ``OUTPUT_DIR/inference/inference_time.json`` (:class:`~smallbn_d2.engine.resources.InferenceTimer`)."""
+        with InferenceTimer(model) as timer:
+            results = super().test(cfg, model, evaluators)
+        if comm.is_main_process():
+            try:
+                iteration = get_event_storage().iter
+            except AssertionError:  # no EventStorage: --eval-only
+                iteration = None
+            append_inference_time(cfg.OUTPUT_DIR, timer, cfg.DATASETS.TEST, cfg.MODEL.DEVICE,
+                                  comm.get_world_size(), iteration)
+        return results
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -40,4 +106,31 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops())
 
     def build_hooks(self):
-        return [NormIterationHook()] + super().build_hooks()
+        """:class:`NormIterationHook` first, then :class:`FreezeNormStatsHook` (when
+        ``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER >= 0``), then Detectron2's default hooks, with
+        Detectron2's ``PreciseBN`` (BN only) replaced by :class:`PreciseNorm` (BN, CBN, NaiveCBN,
+        MABN) at the same place and with the same keys (``TEST.PRECISE_BN.ENABLED``/``NUM_ITER``,
+        period ``TEST.EVAL_PERIOD``)."""
+        cfg = self.cfg
+        precise = cfg.TEST.PRECISE_BN.ENABLED
+        if precise:  # build Detectron2's hooks without its PreciseBN (and without its loader)
+            self.cfg = cfg.clone()
+            self.cfg.defrost()
+            self.cfg.TEST.PRECISE_BN.ENABLED = False
+            self.cfg.freeze()
+        try:
+            ret = super().build_hooks()
+        finally:
+            self.cfg = cfg
+        if precise and (get_bn_modules(self.model) or precise_norm_layers(self.model)):
+            loader_cfg = cfg.clone()
+            loader_cfg.defrost()
+            loader_cfg.DATALOADER.NUM_WORKERS = 0  # as Detectron2 does for PreciseBN
+            hook = PreciseNorm(cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(loader_cfg),
+                               cfg.TEST.PRECISE_BN.NUM_ITER)
+            after = [i for i, h in enumerate(ret) if isinstance(h, d2_hooks.LRScheduler)]
+            ret.insert(after[0] + 1 if after else 0, hook)  # before checkpointer and evaluation
+        first = [NormIterationHook(), PeakMemoryHook(cfg.MODEL.DEVICE)]  # memory: before the writers
+        if cfg.MODEL.SMALLBN.FREEZE_NORM_STATS_ITER >= 0:
+            first.append(FreezeNormStatsHook(cfg.MODEL.SMALLBN.FREEZE_NORM_STATS_ITER))
+        return first + ret
