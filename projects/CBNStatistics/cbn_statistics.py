@@ -1,0 +1,517 @@
+#!/usr/bin/env python
+"""How well do BN, Naive CBN and CBN estimate the window statistics under the current weights?
+
+A diagnostic in the spirit of Figures 3 and 6 of Yao et al., "Cross-Iteration Batch
+Normalization", CVPR 2021 (METHODS.md, "CBN", items 1-3 and 8). It trains a small Detectron2
+detector (default: the tiny Mask R-CNN R18-FPN of ``configs/test``, BN in backbone, FPN and
+heads) with SGD on the shared COCO subset, 2 images per iteration, and at *probe iterations* t
+compares, for chosen conv layers and window sizes k = 1..K, four estimates of the statistics of
+the conv output x (the input of the norm) over the window of iterations t-k+1..t with the
+*current* weights theta_t:
+
+* ``BN``: the current batch only: mu_t, sigma_t^2.
+* ``Naive``: Naive CBN (item 8): the stored statistics of the k-1 previous batches, computed
+  under the weights of their own iterations, averaged with the current batch's.
+* ``CBN``: the stored statistics compensated to theta_t by the first-order Taylor expansion in
+  the layer's own conv weight (items 2-3), aggregated with the paper's ``max(nu, mu^2)`` rule.
+  The gradients g_mu = d mu / d theta and g_nu = d nu / d theta come from
+  :func:`smallbn_d2.layers.cbn_grad.stat_grads_closed_form` (item 5).
+* ``Own-conv``: the previous batches' *stored conv inputs* re-run through the layer's current
+  conv weight: the best any compensation restricted to the layer's own conv can do. Its gap to
+  the truth is the part CBN ignores by design (weight changes of earlier layers, the assumption
+  the paper checks in Figure 6); CBN's gap to it is the Taylor remainder (zero for the mean,
+  which is linear in theta; second order for nu).
+
+The *truth* re-runs the whole network (no grad, same RNG state as the original forward, so the
+same random RoI sampling where the proposals agree) on the previous k-1 batches with theta_t.
+
+Estimators are implemented here, from stored per-iteration records (mu, nu, g_mu, g_nu, the
+conv weight and bias, and the conv input), not by running CBN layers, so this is an
+independent check of the formulas of METHODS.md; the model itself trains with BN.
+
+All statistics are per channel; window statistics weight each iteration equally (as CBN does):
+mu_win = (1/k) sum_tau mu_{t-tau}, nu_win = (1/k) sum_tau nu_{t-tau}, var_win = nu_win - mu_win^2.
+Relative error of an estimate ``e`` of a (C,) statistic ``s``: ||e - s||_2 / ||s||_2 over the
+channels, averaged over the probe iterations. With k = 1 all estimators equal the truth.
+
+Outputs (in ``--output-dir``): ``cbn_statistics.md`` (Markdown tables, also printed: averaged over
+the probes per (layer, k), and per probe at k = K), ``cbn_statistics.png`` (error vs k per
+estimator), ``cbn_statistics.json`` (all numbers per probe). Existing outputs are not overwritten
+unless ``--overwrite`` is given.
+
+Usage (from the repository root)::
+
+    python projects/CBNStatistics/cbn_statistics.py --output-dir output/cbn_statistics
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import deque
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import smallbn_d2
+from smallbn_d2.engine import load_config
+from smallbn_d2.layers.cbn_grad import check_supported_conv, stat_grads_closed_form
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "test", "tiny-mask_rcnn.yaml")
+#: A backbone conv (ResNet res3), an FPN output conv and a box-head conv (4conv1fc).
+DEFAULT_LAYERS = ("backbone.bottom_up.res3.0.conv1", "backbone.fpn_output3", "roi_heads.box_head.conv2")
+ESTIMATORS = ("BN", "Naive", "CBN", "Own-conv")
+OUTPUT_FILES = ("cbn_statistics.md", "cbn_statistics.png", "cbn_statistics.json")
+NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
+
+logger = logging.getLogger("cbn_statistics")
+
+__all__ = ["ConvRecorder", "window_estimates", "relative_error", "run", "format_table", "format_probe_table", "plot", "main"]
+
+
+# ---------------------------------------------------------------------------------- recording
+class ConvRecorder:
+    """Captures the input of one ``nn.Conv2d`` during forwards run inside :meth:`capture`.
+
+    Args:
+        name: the conv's qualified name in the model (for messages).
+        conv: the conv; it must use zero padding (see ``check_supported_conv``).
+    Raises:
+        ValueError: unsupported padding.
+        RuntimeError (from :meth:`take`): the conv ran a number of times other than once in the
+            captured forward (a conv shared across FPN levels, e.g. the RPN head, cannot be probed).
+    """
+
+    def __init__(self, name: str, conv: nn.Conv2d):
+        check_supported_conv(conv)
+        self.name, self.conv = name, conv
+        self.inputs: List[torch.Tensor] = []
+        self.active = False
+        self._handle = conv.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        if self.active:
+            self.inputs.append(args[0].detach())
+
+    def take(self) -> torch.Tensor:
+        """The single input (N, C_in, H, W) of the last captured forward."""
+        inputs, self.inputs = self.inputs, []
+        if len(inputs) != 1:
+            raise RuntimeError(f"conv {self.name!r} ran {len(inputs)} times in one forward; allowed: exactly once "
+                               "(choose a conv that is not shared across FPN levels or skipped)")
+        return inputs[0]
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def conv_stats(conv: nn.Conv2d, u: torch.Tensor, weight=None, bias=None, grads: bool = False) -> Dict:
+    """Per-channel mu = E[x], nu = E[x^2] of x = conv(u) in float64, optionally with their gradients.
+
+    Args:
+        conv: gives stride, padding, dilation, groups (and weight/bias unless given).
+        u: conv input (N, C_in, H, W).
+        weight, bias: the parameters to use (default: the conv's current ones).
+        grads: also return ``g_mu`` (G, C_in/G, kh, kw) and ``g_nu`` (C, C_in/G, kh, kw) from
+            :func:`stat_grads_closed_form` (METHODS.md CBN item 5).
+    Returns:
+        dict with float64 ``mu``, ``nu`` (C,) [and ``g_mu``, ``g_nu``].
+    """
+    w = (conv.weight if weight is None else weight).detach().double()
+    b = conv.bias if bias is None else bias
+    b = None if b is None else b.detach().double()
+    with torch.no_grad():
+        u64 = u.double()
+        x = F.conv2d(u64, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+        out = {"mu": x.mean(dim=(0, 2, 3)), "nu": x.pow(2).mean(dim=(0, 2, 3))}
+        if grads:
+            g = stat_grads_closed_form(conv, u64, x)
+            out["g_mu"], out["g_nu"] = g.mu_weight, g.nu_weight
+    return out
+
+
+# ---------------------------------------------------------------------------------- estimators
+def _compensate(rec: Dict, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """First-order Taylor compensation of one stored entry to the current conv parameters
+    (METHODS.md CBN item 2). rec holds mu, nu (C,), g_mu (G, D...), g_nu (C, D...), weight, bias."""
+    C = rec["mu"].shape[0]
+    G = rec["g_mu"].shape[0]
+    dw = (weight.double() - rec["weight"]).reshape(G, C // G, -1)
+    mu = rec["mu"] + torch.einsum("gd,gcd->gc", rec["g_mu"].reshape(G, -1), dw).reshape(C)
+    nu = rec["nu"] + (rec["g_nu"].reshape(C, -1) * dw.reshape(C, -1)).sum(1)
+    if bias is not None:
+        db = bias.double() - rec["bias"]
+        mu = mu + db
+        nu = nu + 2.0 * rec["mu"] * db
+    return mu, nu
+
+
+def window_estimates(current: Dict, previous: Sequence[Dict], truth_prev: Sequence[Dict],
+                     own_prev: Sequence[Dict], weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Dict:
+    """Window statistics (mean, variance; (C,) float64 each) for k = 1 .. 1 + len(previous).
+
+    Args:
+        current: stats of the current batch under the current weights (``mu``, ``nu``).
+        previous: records of iterations t-1, t-2, ... (newest first): ``mu``, ``nu`` under their
+            own weights, ``g_mu``, ``g_nu``, ``weight``, ``bias`` (float64).
+        truth_prev: ``mu``, ``nu`` of the same batches re-run through the whole current network.
+        own_prev: ``mu``, ``nu`` of their stored conv inputs through the current conv.
+        weight, bias: the current conv parameters theta_t.
+    Returns:
+        ``{k: {"truth"|"BN"|"Naive"|"CBN"|"Own-conv": (mean, var)}}``. Aggregation of CBN (item 3):
+        mean of mu, mean of max(nu, mu^2), var = nu_bar - mu_bar^2; the other estimators average
+        exact (nu >= mu^2) per-batch statistics.
+    """
+    if not (len(previous) == len(truth_prev) == len(own_prev)):
+        raise ValueError(f"previous/truth_prev/own_prev lengths differ: {len(previous)}, {len(truth_prev)}, "
+                         f"{len(own_prev)}")
+    comp = [_compensate(r, weight, bias) for r in previous]
+
+    def agg(mus, nus, clamp=False):
+        mu = torch.stack(mus).mean(0)
+        nus = [torch.maximum(n, m * m) for m, n in zip(mus, nus)] if clamp else nus
+        nu = torch.stack(nus).mean(0)
+        return mu, nu - mu * mu
+
+    cur_mu, cur_nu = current["mu"], current["nu"]
+    out = {}
+    for k in range(1, len(previous) + 2):
+        j = k - 1
+        out[k] = {
+            "truth": agg([cur_mu] + [r["mu"] for r in truth_prev[:j]], [cur_nu] + [r["nu"] for r in truth_prev[:j]]),
+            "BN": agg([cur_mu], [cur_nu]),
+            "Naive": agg([cur_mu] + [r["mu"] for r in previous[:j]], [cur_nu] + [r["nu"] for r in previous[:j]]),
+            "CBN": agg([cur_mu] + [c[0] for c in comp[:j]], [cur_nu] + [c[1] for c in comp[:j]], clamp=True),
+            "Own-conv": agg([cur_mu] + [r["mu"] for r in own_prev[:j]], [cur_nu] + [r["nu"] for r in own_prev[:j]]),
+        }
+    return out
+
+
+def relative_error(estimate: torch.Tensor, truth: torch.Tensor) -> float:
+    """||estimate - truth||_2 / ||truth||_2 over the channels (shape (C,) each); inf if ||truth|| = 0."""
+    den = float(truth.detach().norm())
+    num = float((estimate - truth).detach().norm())
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+# ---------------------------------------------------------------------------------- training
+def _snapshot_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in model.named_buffers()}
+
+
+def _restore_buffers(model: nn.Module, saved: Dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(saved[n])
+
+
+def build_config(config_file: str, iters: int, lr: Optional[float] = None, opts: Sequence[str] = ()):
+    """The detector config: ``config_file`` with BN in backbone, FPN and heads, then ``opts``.
+
+    ``SOLVER.MAX_ITER`` becomes ``iters`` (the LR schedule's steps from the file are kept if they
+    fall inside, dropped otherwise); data loading in the main process (``NUM_WORKERS 0``).
+    """
+    overrides = []
+    for key in NORM_KEYS:
+        overrides += [key, "BN"]
+    cfg = load_config(config_file, overrides + ["DATALOADER.NUM_WORKERS", 0] + list(opts))
+    cfg.SOLVER.MAX_ITER = iters
+    if lr is not None:
+        cfg.SOLVER.BASE_LR = float(lr)
+    cfg.SOLVER.STEPS = tuple(s for s in cfg.SOLVER.STEPS if s < iters)
+    return cfg
+
+
+def train_loader(cfg, batch_size: int, seed: int):
+    """An infinite Detectron2 training loader over ``cfg.DATASETS.TRAIN`` with a seeded sampler."""
+    from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+    from detectron2.data.samplers import TrainingSampler
+
+    dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+    return build_detection_train_loader(cfg, dataset=dataset, sampler=TrainingSampler(len(dataset), seed=seed),
+                                        total_batch_size=batch_size, num_workers=0)
+
+
+def resolve_convs(model: nn.Module, names: Sequence[str]) -> List[ConvRecorder]:
+    """Recorders for the convs ``names`` of ``model``.
+
+    Raises:
+        KeyError: a name is not a conv of the model (the message lists some that are).
+    """
+    modules = dict(model.named_modules())
+    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+    out = []
+    for name in names:
+        if not isinstance(modules.get(name), nn.Conv2d):
+            raise KeyError(f"layer {name!r} is not an nn.Conv2d of the model; allowed: one of {len(convs)} convs, "
+                           f"e.g. {', '.join(convs[:3] + convs[-3:])}")
+        out.append(ConvRecorder(name, modules[name]))
+    return out
+
+
+def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYERS, iters: int = 60,
+        probe_every: int = 10, max_window: int = 8, lr: Optional[float] = 0.02, seed: int = 0,
+        opts: Sequence[str] = ()) -> Dict:
+    """Train and probe (see the module docstring).
+
+    Args:
+        config_file: Detectron2/smallbn_d2 YAML config of a GeneralizedRCNN detector.
+        layers: qualified names of convs that run exactly once per forward.
+        iters: training iterations (SGD steps, SOLVER.IMS_PER_BATCH images each), >= max_window.
+        probe_every: probe at iterations t = probe_every, 2*probe_every, ... <= iters-1 with
+            t >= max_window-1 (so that the window is full).
+        max_window: K, the largest window size k (k = 1..K), >= 1.
+        lr: SGD base learning rate (None: the config's SOLVER.BASE_LR); the config's warm-up and
+            steps (those below ``iters``) apply.
+        seed: torch/numpy seed and data order seed.
+        opts: further ``KEY VALUE`` config overrides.
+    Returns:
+        dict with ``config``, ``layers``, ``probes`` (iteration numbers), ``losses`` (total loss
+        per iteration), ``errors[layer][estimator]["mean"|"var"]`` = list over k of the relative
+        error averaged over probes, and ``per_probe`` (the same per probe).
+    Raises:
+        ValueError: invalid ``iters``, ``probe_every``, ``max_window`` (naming the value).
+        FloatingPointError: the training loss became non-finite.
+    """
+    from detectron2.solver import build_lr_scheduler, build_optimizer
+    from detectron2.utils.events import EventStorage
+    from detectron2.utils.env import seed_all_rng
+
+    if not isinstance(max_window, int) or max_window < 1:
+        raise ValueError(f"max_window = {max_window!r} is invalid; allowed: an integer >= 1")
+    if not isinstance(iters, int) or iters < max_window:
+        raise ValueError(f"iters = {iters!r} is invalid; allowed: an integer >= max_window ({max_window})")
+    if not isinstance(probe_every, int) or probe_every < 1:
+        raise ValueError(f"probe_every = {probe_every!r} is invalid; allowed: an integer >= 1")
+    probes = [t for t in range(probe_every, iters, probe_every) if t >= max_window - 1]
+    if not probes:
+        raise ValueError(f"no probe iteration: probe_every = {probe_every} and max_window = {max_window} leave none "
+                         f"below iters = {iters}; allowed: probe_every < iters and iters > max_window")
+
+    seed_all_rng(seed)
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr = {lr!r} is invalid; allowed: None (the config's SOLVER.BASE_LR) or a number > 0")
+    cfg = build_config(config_file, iters, lr, opts)
+    model = smallbn_d2.build_model(cfg)
+    model.train()
+    recorders = resolve_convs(model, layers)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    data = iter(train_loader(cfg, cfg.SOLVER.IMS_PER_BATCH, seed))
+
+    def forward(batch, rng_state=None):
+        if rng_state is not None:
+            torch.set_rng_state(rng_state)
+        for r in recorders:
+            r.active = True
+        try:
+            losses = model(batch)
+        finally:
+            for r in recorders:
+                r.active = False
+        return losses, [r.take() for r in recorders]
+
+    history = deque(maxlen=max_window - 1)  # newest last: {"batch", "rng", "layers": [record per layer]}
+    per_probe = []
+    loss_log = []
+    start = time.perf_counter()
+    with EventStorage(0) as storage:
+        for t in range(iters):
+            storage.iter = t
+            batch = next(data)
+            rng = torch.get_rng_state()
+            losses, inputs = forward(batch)
+            total = sum(losses.values())
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"training loss is {float(total)} at iteration {t}; lower SOLVER.BASE_LR")
+            records = []
+            for r, u in zip(recorders, inputs):
+                rec = conv_stats(r.conv, u, grads=max_window > 1)
+                rec["weight"] = r.conv.weight.detach().double().clone()
+                rec["bias"] = None if r.conv.bias is None else r.conv.bias.detach().double().clone()
+                rec["input"] = u
+                records.append(rec)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if t in probes:  # after backward (BN's backward checks its buffers' versions), before the step
+                after = torch.get_rng_state()
+                per_probe.append(_probe(t, model, recorders, records, list(history), forward))
+                torch.set_rng_state(after)  # the probe's forwards leave the training's randomness unchanged
+            optimizer.step()
+            scheduler.step()
+            loss_log.append(float(total.detach()))
+            if max_window > 1:
+                history.append({"batch": batch, "rng": rng, "layers": records})
+            if t % 10 == 0 or t == iters - 1:
+                logger.info(f"iter {t}/{iters}: loss {loss_log[-1]:.3f}, lr {optimizer.param_groups[0]['lr']:.4g}, "
+                            f"{time.perf_counter() - start:.0f} s")
+    for r in recorders:
+        r.remove()
+
+    errors = {name: {e: {s: [sum(p["errors"][name][e][s][k] for p in per_probe) / len(per_probe)
+                             for k in range(max_window)] for s in ("mean", "var")} for e in ESTIMATORS}
+              for name in layers}
+    return {"config": config_file, "opts": list(opts), "layers": list(layers), "iters": iters, "probes": probes,
+            "max_window": max_window, "seed": seed, "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
+            "base_lr": cfg.SOLVER.BASE_LR, "losses": loss_log, "errors": errors, "per_probe": per_probe,
+            "seconds": time.perf_counter() - start}
+
+
+def _probe(t, model, recorders, current_records, history, forward) -> Dict:
+    """Re-run the previous batches with the current weights and compute every estimator's error."""
+    saved = _snapshot_buffers(model)
+    truth = []  # per previous iteration (newest first): list over layers of {"mu","nu"}
+    try:
+        with torch.no_grad():
+            for entry in reversed(history):
+                _, inputs = forward(entry["batch"], entry["rng"])
+                truth.append([conv_stats(r.conv, u) for r, u in zip(recorders, inputs)])
+    finally:
+        _restore_buffers(model, saved)
+    out = {"iteration": t, "errors": {}}
+    for i, r in enumerate(recorders):
+        previous = [entry["layers"][i] for entry in reversed(history)]
+        own = [conv_stats(r.conv, rec["input"]) for rec in previous]
+        est = window_estimates(current_records[i], previous, [tr[i] for tr in truth], own,
+                               r.conv.weight.detach(), None if r.conv.bias is None else r.conv.bias.detach())
+        out["errors"][r.name] = {
+            e: {"mean": [relative_error(est[k][e][0], est[k]["truth"][0]) for k in sorted(est)],
+                "var": [relative_error(est[k][e][1], est[k]["truth"][1]) for k in sorted(est)]}
+            for e in ESTIMATORS
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------- reporting
+def format_table(result: Dict) -> str:
+    """Markdown table: one row per (layer, k); relative errors of the mean and the variance."""
+    from tabulate import tabulate
+
+    headers = ["layer", "k"] + [f"mean {e}" for e in ESTIMATORS] + [f"var {e}" for e in ESTIMATORS]
+    rows = []
+    for name in result["layers"]:
+        err = result["errors"][name]
+        for k in range(1, result["max_window"] + 1):
+            rows.append([name, k] + [f"{err[e]['mean'][k - 1]:.4f}" for e in ESTIMATORS]
+                        + [f"{err[e]['var'][k - 1]:.4f}" for e in ESTIMATORS])
+    return tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True)
+
+
+def format_probe_table(result: Dict) -> str:
+    """Markdown table at the largest window k = K: one row per (probe iteration, layer).
+
+    Early probes show the effect of fast-changing weights (what CBN's burn-in avoids)."""
+    from tabulate import tabulate
+
+    K = result["max_window"]
+    headers = ["iteration", "layer"] + [f"mean {e}" for e in ESTIMATORS] + [f"var {e}" for e in ESTIMATORS]
+    rows = []
+    for p in result["per_probe"]:
+        for name in result["layers"]:
+            err = p["errors"][name]
+            rows.append([p["iteration"], name] + [f"{err[e]['mean'][K - 1]:.4f}" for e in ESTIMATORS]
+                        + [f"{err[e]['var'][K - 1]:.4f}" for e in ESTIMATORS])
+    return tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True)
+
+
+def plot(result: Dict, path: str) -> None:
+    """Save a PNG: rows mean/variance, one column per layer, relative error vs k per estimator."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = result["layers"]
+    ks = list(range(1, result["max_window"] + 1))
+    fig, axes = plt.subplots(2, len(layers), figsize=(4.2 * len(layers), 6.5), squeeze=False)
+    styles = {"BN": "k:o", "Naive": "r--s", "CBN": "b-^", "Own-conv": "g-.x"}
+    for j, name in enumerate(layers):
+        for i, stat in enumerate(("mean", "var")):
+            ax = axes[i][j]
+            for e in ESTIMATORS:
+                ax.plot(ks, result["errors"][name][e][stat], styles[e], label=e, markersize=4)
+            ax.set_xticks(ks)
+            ax.set_xlabel("window size k (iterations)")
+            ax.set_ylabel(f"relative error of the {'mean' if stat == 'mean' else 'variance'}")
+            ax.set_title(name, fontsize=8)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Window statistics vs. truth under current weights ({len(result['probes'])} probes, "
+                 f"{result['ims_per_batch']} images/iteration)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Raise ``FileExistsError`` if ``output_dir`` already holds one of :data:`OUTPUT_FILES`."""
+    existing = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(output_dir, f))]
+    if existing and not overwrite:
+        raise FileExistsError(f"{output_dir!r} already holds {', '.join(existing)}; choose another --output-dir "
+                              "or pass --overwrite")
+
+
+def write_outputs(result: Dict, output_dir: str) -> str:
+    """Write the table, plot and JSON to ``output_dir``; return the table."""
+    os.makedirs(output_dir, exist_ok=True)
+    K = result["max_window"]
+    table = (f"Relative errors averaged over the probes at iterations {result['probes']}:\n\n" + format_table(result)
+             + f"\n\nPer probe iteration, window size k = {K}:\n\n" + format_probe_table(result))
+    with open(os.path.join(output_dir, "cbn_statistics.md"), "w") as f:
+        f.write(table + "\n")
+    plot(result, os.path.join(output_dir, "cbn_statistics.png"))
+    with open(os.path.join(output_dir, "cbn_statistics.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return table
+
+
+def _names(text: str) -> List[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no layer; allowed: comma-separated module names")
+    return names
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config-file", default=DEFAULT_CONFIG, help="detector config (BN is set in backbone, FPN, heads)")
+    p.add_argument("--layers", type=_names, default=list(DEFAULT_LAYERS),
+                   help="comma-separated qualified names of convs to probe")
+    p.add_argument("--iters", type=int, default=60, help="training iterations")
+    p.add_argument("--probe-every", type=int, default=10, help="probe every this many iterations")
+    p.add_argument("--max-window", type=int, default=8, help="largest window size k")
+    p.add_argument("--lr", type=float, default=0.02, help="SGD base learning rate (overrides SOLVER.BASE_LR; "
+                   "0.02 as in configs/quick)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", default="output/cbn_statistics")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --output-dir")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> Dict:
+    """Command-line entry point; returns the result dict (see :func:`run`)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    check_output_dir(args.output_dir, args.overwrite)
+    result = run(args.config_file, args.layers, args.iters, args.probe_every, args.max_window, args.lr, args.seed,
+                 args.opts)
+    result["command"] = " ".join([os.path.relpath(__file__, REPO)] + (sys.argv[1:] if argv is None else list(argv)))
+    result["torch"] = torch.__version__
+    result["threads"] = torch.get_num_threads()
+    table = write_outputs(result, args.output_dir)
+    print(table)
+    print(f"\nprobes at iterations {result['probes']}; {result['seconds']:.0f} s; outputs in {args.output_dir}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
