@@ -61,6 +61,79 @@ def _conv_output_size(conv: nn.Conv2d, h: int, w: int):
     return tuple(out)
 
 
+def _batch_stats(x: torch.Tensor):
+    """Biased variance and mean per channel of (N, C, H, W) ``x``, no autograd. On the CPU:
+    BatchNorm's own statistics kernel (the pass ``nn.BatchNorm2d`` runs, faster there than
+    ``torch.var_mean`` over (0, 2, 3)); elsewhere ``torch.var_mean``."""
+    with torch.no_grad():
+        if _HAS_BN_STATS and x.device.type == "cpu":
+            mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+            return var, mean
+        return torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+
+
+_HAS_BN_STATS = hasattr(torch, "batch_norm_update_stats")
+
+
+class _CBNNormalize(torch.autograd.Function):
+    """CBN's normalization with BatchNorm's cost (METHODS.md CBN item 4; the backward is derived
+    below, verified against autograd in float64 by the tests).
+
+    forward(x (N, C, H, W), gamma (C,) or None, beta (C,) or None, mu_bar (C,), var_bar (C,),
+    coef (C,), eps, batch_only) -> y = gamma * (x - mu_bar) / sqrt(var_bar + eps) + beta, one
+    fused pass (``native_batch_norm`` in inference mode with mu_bar, var_bar as its statistics).
+    x is float32 or float64 (the caller casts); mu_bar, var_bar, coef are constants computed
+    without autograd; ``batch_only`` (bool) says that they are the current batch's own (k = 1).
+
+    Backward. The window statistics depend on the current batch only through mu_t, var_t, with
+    per-channel derivatives (n = number of window entries averaged, coef = 1/n; the other
+    entries are constants): d mu_bar/d mu_t = coef, d var_bar/d var_t = coef and
+    d var_bar/d mu_t = 2 coef (mu_t - mu_bar) (the derivative of sum_i (m_i - mu_bar)^2 with
+    respect to mu_bar vanishes, mu_bar being their mean). With M = N*H*W, s = (var_bar +
+    eps)^-1/2, xhat = (x - mu_bar) s and g = dL/dy this gives
+
+        dL/dx = gamma s (g - coef mean(g) - coef xhat mean(g xhat)),
+        dL/dgamma = sum(g xhat),  dL/dbeta = sum(g),
+
+    i.e. coef * (BatchNorm's backward with mean mu_bar and invstd s) + (1 - coef) gamma s g:
+    one ``native_batch_norm_backward`` call (exactly BatchNorm's backward when k = 1,
+    ``batch_only``), then one in-place ``mul_``/``addcmul_`` pair for the window. Only x is
+    saved, as BatchNorm saves it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mu_bar, var_bar, coef, eps, batch_only):
+        y = torch.native_batch_norm(x, weight, bias, mu_bar, var_bar, False, 0.0, eps)[0]
+        invstd = torch.rsqrt(var_bar + eps)
+        ctx.save_for_backward(x, weight, mu_bar, invstd, coef)
+        ctx.eps = eps
+        ctx.batch_only = batch_only
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, mu_bar, invstd, coef = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_y.dtype != x.dtype:
+            grad_y = grad_y.to(x.dtype)
+        # BatchNorm's backward with mean mu_bar and invstd s: gamma s (g - mean(g) - xhat
+        # mean(g xhat)), and its weight / bias gradients sum(g xhat), sum(g).
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, weight, None, None, mu_bar, invstd, True, ctx.eps,
+            [need_x, weight is not None and need_w, ctx.bias_dtype is not None and need_b])
+        if need_x and not ctx.batch_only:
+            # window: the mean terms scaled by coef, i.e. coef * (BN's dx) + (1 - coef) gamma s g
+            a = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            grad_x.mul_(coef[None, :, None, None]).addcmul_(grad_y, ((1.0 - coef) * a)[None, :, None, None])
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
 class CrossIterationBatchNorm2d(IterationNormBase):
     """Cross-Iteration Batch Normalization for (N, C, H, W) conv outputs (CBN paper, Sec. 3.2).
 
@@ -80,8 +153,17 @@ class CrossIterationBatchNorm2d(IterationNormBase):
             ``"drop_invalid"`` (the released code: drop entries whose compensated variance is
             negative, average over those kept).
         compensate: False gives Naive CBN (window average without compensation, item 8).
-        grad_mode: ``"closed_form"`` (Appendix B, one weight-gradient conv) or ``"autograd"``
-            (two ``torch.autograd.grad`` passes, the released code), for comparison.
+        grad_mode: ``"closed_form"`` (the fast path: statistics gradients in closed form,
+            Appendix B, one weight-gradient conv; normalization by one fused function whose
+            backward is BatchNorm's, :class:`_CBNNormalize`) or ``"autograd"`` (the released
+            code's approach: two ``torch.autograd.grad`` passes for the statistics gradients and
+            the normalization through autograd ops), for comparison. Both compute the same
+            function and gradients.
+        grad_subsample: s >= 1, ``"closed_form"`` only. 1 (default): exact. s > 1: an
+            approximation (not in the paper) estimating d nu / d theta from about 1/s of the
+            output positions (:func:`~smallbn_d2.layers.cbn_grad.stat_grads_closed_form`), which
+            divides the cost of the extra weight-gradient conv by about s; see docs/BENCHMARKS.md
+            for its measured effect on speed and on the statistics.
 
     Buffers (state_dict): ``running_mean``, ``running_var`` (C,), ``num_batches_tracked`` and,
     once a conv is attached and k > 1, the window ``window_iters`` (k-1,), ``window_mu``,
@@ -108,6 +190,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         aggregation: str = "paper",
         compensate: bool = True,
         grad_mode: str = "closed_form",
+        grad_subsample: int = 1,
     ):
         super().__init__(num_features, eps=eps, affine=affine)
         self.compensate = compensate
@@ -115,12 +198,13 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.configure(window_size=window_size, burn_in=burn_in, momentum=momentum, eps=eps,
-                       aggregation=aggregation, grad_mode=grad_mode)
+                       aggregation=aggregation, grad_mode=grad_mode, grad_subsample=grad_subsample)
 
     # ------------------------------------------------------------------ configuration
     def configure(self, window_size: Optional[int] = None, burn_in: Optional[int] = None,
                   momentum: Optional[float] = None, eps: Optional[float] = None,
-                  aggregation: Optional[str] = None, grad_mode: Optional[str] = None) -> None:
+                  aggregation: Optional[str] = None, grad_mode: Optional[str] = None,
+                  grad_subsample: Optional[int] = None) -> None:
         """Set hyperparameters (None keeps the current value); a new window size clears the window.
 
         Raises:
@@ -151,6 +235,11 @@ class CrossIterationBatchNorm2d(IterationNormBase):
             if grad_mode not in _GRAD_MODES:
                 raise ValueError(f"grad_mode = {grad_mode!r} is invalid; allowed: {_GRAD_MODES}")
             self.grad_mode = grad_mode
+        if grad_subsample is not None:
+            if isinstance(grad_subsample, bool) or not isinstance(grad_subsample, int) or grad_subsample < 1:
+                raise ValueError(f"grad_subsample = {grad_subsample!r} is invalid; allowed: an integer >= 1 "
+                                 "(1 = exact d nu / d theta)")
+            self.grad_subsample = grad_subsample
 
     def _conv_attached(self, conv: nn.Conv2d) -> None:
         check_supported_conv(conv)
@@ -178,7 +267,8 @@ class CrossIterationBatchNorm2d(IterationNormBase):
     def extra_repr(self) -> str:
         return (f"{self.num_features}, window_size={self.window_size}, burn_in={self.burn_in}, "
                 f"momentum={self.momentum}, eps={self.eps}, affine={self.affine}, "
-                f"aggregation={self.aggregation!r}, compensate={self.compensate}, grad_mode={self.grad_mode!r}")
+                f"aggregation={self.aggregation!r}, compensate={self.compensate}, grad_mode={self.grad_mode!r}"
+                + (f", grad_subsample={self.grad_subsample}" if self.grad_subsample != 1 else ""))
 
     def effective_window_size(self, iteration: Optional[int] = None) -> int:
         """k in force at ``iteration`` (default: the current one): 1 during the burn-in, else k."""
@@ -198,18 +288,34 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         if x.numel() == 0:
             return self._affine(x)
         cdt = torch.promote_types(x.dtype, torch.float32)
+        P = x.shape[0] * x.shape[2] * x.shape[3]
+        k = self.effective_window_size(t)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.to(cdt)
-            var_t, mu_t = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
-            k = self.effective_window_size(t)
-            if k > 1:
-                mu_bar, var_bar = self._window_statistics(t, mu_t, var_t, cdt)
+            if self.grad_mode == "closed_form":
+                # Fast path: statistics without autograd, then one fused normalization whose
+                # backward is BatchNorm's (see _CBNNormalize).
+                var_t, mu_t = _batch_stats(xf)
+                with torch.no_grad():
+                    if k > 1:
+                        mu_bar, var_bar, count = self._window_statistics(t, mu_t, var_t, cdt)
+                        coef = count.reciprocal()
+                    else:
+                        mu_bar, var_bar, coef = mu_t, var_t, torch.ones_like(mu_t)
+                w = None if self.weight is None else self.weight.to(cdt)
+                b = None if self.bias is None else self.bias.to(cdt)
+                y = _CBNNormalize.apply(xf, w, b, mu_bar, var_bar, coef, self.eps, k == 1).to(x.dtype)
             else:
-                mu_bar, var_bar = mu_t, var_t
-            scale = torch.rsqrt(var_bar + self.eps)
-            y = (xf - mu_bar[None, :, None, None]) * scale[None, :, None, None]
-            y = self._affine(y).to(x.dtype)
-            P = x.shape[0] * x.shape[2] * x.shape[3]
+                # Reference path (the released code's approach): statistics, window average and
+                # normalization through autograd ops.
+                var_t, mu_t = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
+                if k > 1:
+                    mu_bar, var_bar, _ = self._window_statistics(t, mu_t, var_t, cdt)
+                else:
+                    mu_bar, var_bar = mu_t, var_t
+                scale = torch.rsqrt(var_bar + self.eps)
+                y = (xf - mu_bar[None, :, None, None]) * scale[None, :, None, None]
+                y = self._affine(y).to(x.dtype)
             self._update_state(t, x, conv_input, mu_t.detach(), var_t.detach(), P)
         return y
 
@@ -243,7 +349,8 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         return u
 
     def _window_statistics(self, t: int, mu_t, var_t, cdt):
-        """Compensated window mean and variance, shape (C,) each (items 2-3)."""
+        """Compensated window mean and variance and the number of entries averaged (the current
+        batch included), shape (C,) each (items 2-3)."""
         C = self.num_features
         tags = self.window_iters
         present = (tags >= t - self.window_size + 1) & (tags < t) & (tags >= 0)  # (k-1,)
@@ -256,7 +363,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
             gmu = self.window_mu_grad.to(cdt).flatten(2)  # (k-1, G, D)
             gnu = self.window_nu_grad.to(cdt).flatten(2)  # (k-1, C, D)
             mu_c = self.window_mu0.to(cdt) + torch.einsum("jgd,gcd->jgc", gmu, theta_g).reshape(-1, C)
-            nu_c = self.window_nu0.to(cdt) + torch.einsum("jcd,cd->jc", gnu, theta.reshape(C, -1))
+            nu_c = self.window_nu0.to(cdt) + (gnu * theta.reshape(1, C, -1)).sum(-1)  # <g_nu_j[c], theta[c]>
             if conv.bias is not None:
                 b = conv.bias.detach().to(cdt)
                 mu_c = mu_c + b
@@ -272,7 +379,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         mu_bar = (mu_t + (keep * mu_c).sum(0)) / count
         spread = var_c.clamp(min=0) + (mu_c - mu_bar) ** 2  # max(nu, mu^2) - mu_bar^2, per entry
         var_bar = (var_t + (mu_t - mu_bar) ** 2 + (keep * spread).sum(0)) / count
-        return mu_bar, var_bar
+        return mu_bar, var_bar, count
 
     @torch.no_grad()
     def _update_state(self, t: int, x, conv_input, mu_t, var_t, P: int) -> None:
@@ -292,19 +399,21 @@ class CrossIterationBatchNorm2d(IterationNormBase):
             conv = self.conv
             xd = x.detach().to(mu_t.dtype)
             if self.grad_mode == "closed_form":
-                grads = stat_grads_closed_form(conv, conv_input, xd)
+                grads = stat_grads_closed_form(conv, conv_input, xd, subsample=self.grad_subsample)
             else:
                 grads = stat_grads_autograd(conv, conv_input, x if x.requires_grad else None)
             G = conv.groups
             C = self.num_features
             theta = conv.weight.detach().to(mu_t.dtype)
             mu0 = mu_t - torch.einsum("gd,gcd->gc", grads.mu_weight.flatten(1), theta.reshape(G, C // G, -1)).reshape(C)
-            nu0 = nu_t - torch.einsum("cd,cd->c", grads.nu_weight.flatten(1), theta.reshape(C, -1))
+            nu0 = nu_t - (grads.nu_weight.flatten(1) * theta.reshape(C, -1)).sum(-1)
             if conv.bias is not None:
                 b = conv.bias.detach().to(mu_t.dtype)
                 mu0 = mu0 - b
                 nu0 = nu0 - 2.0 * mu_t * b
-            finite = finite & torch.isfinite(grads.nu_weight).all() & torch.isfinite(grads.mu_weight).all()
+            # A NaN/Inf anywhere in the gradients makes mu0 / nu0 non-finite (Inf * 0 = NaN), so
+            # checking the (C,) results checks the gradients without another pass over them.
+            finite = finite & torch.isfinite(mu0).all() & torch.isfinite(nu0).all()
             self._write(self.window_mu_grad, slot, grads.mu_weight, finite)
             self._write(self.window_nu_grad, slot, grads.nu_weight, finite)
         else:
@@ -317,14 +426,16 @@ class CrossIterationBatchNorm2d(IterationNormBase):
 
     @staticmethod
     def _write(buf: torch.Tensor, slot: int, value: torch.Tensor, ok: torch.Tensor) -> None:
-        buf[slot] = torch.where(ok, value.to(buf.dtype), buf[slot])
+        row = buf[slot]
+        torch.where(ok, value.to(buf.dtype), row, out=row)  # in place, no host synchronization
 
 
 class NaiveCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
     """Naive CBN: the window average of CBN without Taylor compensation (CBN paper Sec. 3.2
     "Naive CBN", METHODS.md CBN item 8), an ablation; degrades at large k. Same arguments as
-    :class:`CrossIterationBatchNorm2d` except ``compensate`` (always False) and ``grad_mode``
-    (unused); it still needs its producing conv attached (for the input check) by the wiring.
+    :class:`CrossIterationBatchNorm2d` except ``compensate`` (always False); ``grad_mode`` only
+    selects the normalization path (fused or autograd ops, same result) and ``grad_subsample`` is
+    unused. It still needs its producing conv attached (for the input check) by the wiring.
     """
 
     def __init__(self, num_features: int, window_size: int = 4, burn_in: int = 0, momentum: float = 0.1,

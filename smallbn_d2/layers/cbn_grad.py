@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-__all__ = ["StatGrads", "stat_grads_closed_form", "stat_grads_autograd", "check_supported_conv"]
+__all__ = ["StatGrads", "stat_grads_closed_form", "subsample_plan", "stat_grads_autograd", "check_supported_conv"]
 
 
 class StatGrads(NamedTuple):
@@ -66,7 +66,49 @@ def _output_positions(y: torch.Tensor) -> int:
     return y.shape[0] * y.shape[2] * y.shape[3]
 
 
-def stat_grads_closed_form(conv: nn.Conv2d, conv_input: torch.Tensor, output: torch.Tensor) -> StatGrads:
+def _tap_slice(tap: int, stride: int, padding: int, dilation: int, out_len: int, in_len: int) -> slice:
+    """Input indices read by kernel tap ``tap`` over all ``out_len`` output positions, padding
+    positions (outside [0, in_len)) dropped: they are zeros and add nothing to a sum."""
+    start = tap * dilation - padding  # input index of output position 0
+    o_min = -(start // stride) if start < 0 else 0  # ceil(-start / stride): first in-bounds output
+    o_max = min(out_len - 1, (in_len - 1 - start) // stride)
+    if o_max < o_min:
+        return slice(0, 0)
+    return slice(start + stride * o_min, start + stride * o_max + 1, stride)
+
+
+def _patch_sum(u1: torch.Tensor, conv: nn.Conv2d, out_h: int, out_w: int) -> torch.Tensor:
+    """sum_p patch(p) of a (C_in, H, W) image under ``conv``'s geometry: (C_in, kh, kw).
+
+    Equal to ``F.unfold(u1[None], ...).sum(-1)`` without materializing the patches (which are
+    kh * kw times the image): kh row sums over strided slices, then kh * kw column sums."""
+    kh, kw = conv.kernel_size
+    (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
+    H, W = u1.shape[1], u1.shape[2]
+    out = u1.new_zeros(u1.shape[0], kh, kw)
+    for i in range(kh):
+        rows = _tap_slice(i, sh, ph, dh, out_h, H)
+        if rows.stop <= rows.start:
+            continue
+        row_sum = u1[:, rows, :].sum(1)  # (C_in, W)
+        for j in range(kw):
+            cols = _tap_slice(j, sw, pw, dw, out_w, W)
+            if cols.stop > cols.start:
+                out[:, i, j] = row_sum[:, cols].sum(-1)
+    return out
+
+
+def subsample_plan(n: int, subsample: int) -> str:
+    """Which output positions :func:`stat_grads_closed_form` keeps for ``subsample`` = s > 1:
+    ``"batch"`` (every s-th example: RoI heads, N >= 4 s) or ``"rows"`` (every s-th output row of
+    every example: backbone and FPN maps of a few images); ``"all"`` for s = 1."""
+    if subsample == 1:
+        return "all"
+    return "batch" if n >= 4 * subsample else "rows"
+
+
+def stat_grads_closed_form(conv: nn.Conv2d, conv_input: torch.Tensor, output: torch.Tensor,
+                           subsample: int = 1) -> StatGrads:
     """Closed-form d(mu, nu)/d(theta, b) of ``output = conv(conv_input)`` (Appendix B of CBN).
 
     Args:
@@ -74,12 +116,21 @@ def stat_grads_closed_form(conv: nn.Conv2d, conv_input: torch.Tensor, output: to
         conv_input: u, shape (N, C_in, H, W).
         output: y = conv(u), shape (N, C, Ho, Wo), including the bias. Gradients are computed in
             ``output``'s dtype; no autograd graph is built.
+        subsample: s >= 1. 1 (default) is exact. s > 1 is an approximation (not in the paper)
+            that estimates d nu / d theta from about 1/s of the output positions, cutting the
+            weight-gradient conv's cost by about s: every s-th example (positions of examples
+            0, s, 2s, ...) when N >= 4 s (RoI heads), otherwise every s-th output row (rows 0, s,
+            2s, ... of every example; a conv with s times the row stride). d mu / d theta and the
+            bias gradients stay exact (they are cheap).
     Returns:
-        :class:`StatGrads`. Cost: one weight-gradient conv (as in the backward pass) for nu and a
-        batch-summed, one-output-channel-per-group weight-gradient for mu.
+        :class:`StatGrads`. Cost: one weight-gradient conv (as in the backward pass) for nu (on
+        1/s of the positions); for mu one pass over ``conv_input`` (a batch sum) and the patch
+        sum of one image.
     Raises:
-        ValueError: ``output`` has no elements.
+        ValueError: ``output`` has no elements, or ``subsample`` is not an integer >= 1.
     """
+    if isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1:
+        raise ValueError(f"subsample = {subsample!r} is invalid; allowed: an integer >= 1 (1 = exact)")
     P = _output_positions(output)
     if P == 0:
         raise ValueError("stat_grads_closed_form needs a non-empty output (N * Ho * Wo > 0)")
@@ -89,11 +140,21 @@ def stat_grads_closed_form(conv: nn.Conv2d, conv_input: torch.Tensor, output: to
     with torch.no_grad():
         u = conv_input.detach().to(dt)
         y = output.detach()
-        nu_w = conv2d_weight(u, conv.weight.shape, y * (2.0 / P), conv.stride, conv.padding, conv.dilation, G)
-        # Sum over the batch first: the patch mean of a group is the same for all its channels.
-        ones = y.new_full((1, G, y.shape[2], y.shape[3]), 1.0 / P)
-        mu_w = conv2d_weight(u.sum(0, keepdim=True), (G, cin_g, kh, kw), ones, conv.stride, conv.padding,
-                             conv.dilation, G)
+        # The weight-gradient conv with grad_output = y, scaled by 2/P afterwards (on the small
+        # result, not on a copy of y).
+        plan = subsample_plan(y.shape[0], subsample)
+        if plan == "all":
+            u_s, y_s, stride = u, y, conv.stride
+        elif plan == "batch":
+            u_s, y_s, stride = u[::subsample], y[::subsample], conv.stride
+        else:  # rows 0, s, 2s, ...: the same conv with s times the row stride
+            u_s, y_s, stride = u, y[:, :, ::subsample], (conv.stride[0] * subsample, conv.stride[1])
+        nu_w = conv2d_weight(u_s, conv.weight.shape, y_s, stride, conv.padding, conv.dilation, G)
+        nu_w.mul_(2.0 / _output_positions(y_s))
+        # d mu / d theta = mean input patch: sum the batch first (one pass over u), then the
+        # patches of that one image (C_in channels are ordered as the weight's C_in/G slices of
+        # consecutive groups).
+        mu_w = _patch_sum(u.sum(0), conv, y.shape[2], y.shape[3]).reshape(G, cin_g, kh, kw).div_(P)
         if conv.bias is None:
             mu_b = nu_b = None
         else:

@@ -1,0 +1,498 @@
+#!/usr/bin/env python
+"""Detector-level benchmark of the normalization layers (issues: CBN item 9, MABN item 8,
+deployment item 4).
+
+Builds the same detector with each norm -- ``BN``, ``SyncBN`` (Detectron2's name; one process,
+so it computes BN's statistics), ``GN``, ``CBN``, ``NaiveCBN``, ``MABN``, and ``floor`` (BN plus
+the one weight-gradient conv per normalized conv that an exact CBN adds: the arithmetic floor
+of CBN) and ``CBN-sub2`` (CBN with ``MODEL.CBN.GRAD_SUBSAMPLE 2``, the approximation that goes
+below the floor) -- in two settings:
+
+* ``1x``: frozen-BN backbone (``RESNETS.NORM FrozenBN``, ``FREEZE_AT 2``), the norm in the FPN,
+  the box head and the mask head (the CBN paper's default "normalizers in the heads");
+* ``scratch_3x``: the norm everywhere (backbone too, ``FREEZE_AT 0``, ``STRIDE_IN_1X1 False``,
+  as Detectron2's GN scratch configs);
+
+and measures, on this machine (CPU):
+
+* training s/iter: median over the measured steps after warm-up of one full step (forward,
+  backward, SGD step; the data is preloaded: no data loading in the time);
+* peak memory: for each (setting, norm) a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536``
+  records the peak resident memory during a training step (after warm-up) minus the resident
+  memory of the process before the model was built: model, gradients, optimizer state,
+  buffers (CBN's window) and the step's activations and temporaries (see tools/bench_utils.py);
+* inference s/image in eval mode (median over images and repeats, after one untimed image);
+* inference s/image after ``smallbn_d2.deploy.convert_to_frozen_bn`` (CBN/MABN/BN layers become
+  Detectron2's FrozenBatchNorm2d; GN has no such form and is left as GN).
+
+Default detector: Mask R-CNN R50-FPN with the 4conv1fc box head (``configs/Base-RCNN-FPN.yaml``,
+``RESNETS.DEPTH 50``, ``ROI_BOX_HEAD.NUM_CONV 4``, ``NUM_FC 1``), 2 images per iteration, random
+initialization (no pretrained weights offline; in ``1x`` the FrozenBN statistics of the random
+backbone are set to its activation statistics on the first batch, so that activations keep a
+sane scale), SGD at ``BASE_LR 0.0025`` (0.02 x 2/16). Images: the shared COCO subset
+(coco_2017_train for training, the first val images for inference) resized to a shorter side of
+512 (``--min-size``, longest side <= 853) instead of Detectron2's 800, to keep CPU runs short.
+For inference ``ROI_HEADS.SCORE_THRESH_TEST 0`` so that every model returns
+``TEST.DETECTIONS_PER_IMAGE`` (100) detections and runs its mask head on as many boxes (a
+random model scores below Detectron2's 0.05 threshold). CBN: ``WINDOW_SIZE 4`` (the config
+default; the paper's k), burn-in 0, measured after k-1 warm-up steps (window full); every model
+starts at iteration ``--start-iter`` (20000) so that MABN is past all its warm-ups (SMA,
+renormalization, heads). ``--config-file``/``--opts`` replace the default detector; the
+setting's ``NORM`` keys are applied on top.
+
+Each (setting, norm) is timed in its own subprocess, one after the other (``--rounds`` > 1
+repeats the whole sequence and takes medians, for a noisy machine). The result is printed as
+Markdown tables and written to the ``benchmark_norms`` section of docs/BENCHMARKS.md
+(``--no-write`` to skip) with the command and the machine.
+
+Run from the repository root: ``python tools/benchmark_norms.py`` (see docs/BENCHMARKS.md for
+the expected runtime).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench_utils import (  # noqa: E402
+    MEMORY_ENV,
+    PeakRSS,
+    Timer,
+    command_line,
+    fmt_ratio,
+    load_average,
+    machine_description,
+    markdown_table,
+    median,
+    memory_env_active,
+    write_doc_section,
+)
+
+NORMS = ("BN", "SyncBN", "GN", "CBN", "NaiveCBN", "MABN", "floor", "CBN-sub2")
+#: rows that are a norm name plus config overrides
+VARIANTS = {"floor": ("BNFloor", []), "CBN-sub2": ("CBN", ["MODEL.CBN.GRAD_SUBSAMPLE", 2])}
+SETTINGS = ("1x", "scratch_3x")
+SECTION = "benchmark_norms"
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "Base-RCNN-FPN.yaml")
+HEAD_NORM_KEYS = ("MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM", "MODEL.RETINANET.NORM")
+FLOOR_NORM = "BNFloor"  # registered in the child process for the ``floor`` row
+TARGETS = {  # (setting, norm) -> (max time ratio, max memory ratio); None = reported only
+    ("1x", "CBN"): (1.20, 1.10),
+    ("1x", "MABN"): (1.10, 1.05),
+}
+CONVERTED_TOLERANCE = 0.02  # converted CBN/MABN inference within 2% of BN
+
+
+# ------------------------------------------------------------------------------ child side
+def _register_floor_norm():
+    """Register ``BNFloor``: BatchNorm plus, in training, CBN's d nu / d theta weight-gradient conv
+    (without using it): the arithmetic an exact CBN adds to BN."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.grad import conv2d_weight
+
+    import smallbn_d2
+    from smallbn_d2.layers.base import IterationNormBase
+    from smallbn_d2.layers.cbn import _capture_conv_input
+
+    class BatchNormWithStatGradCost(IterationNormBase):
+        """BN (batch statistics in training, running statistics in eval) + one conv2d_weight."""
+
+        def __init__(self, num_features: int):
+            super().__init__(num_features)
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
+
+        def _conv_attached(self, conv):
+            if "_smallbn_capture" not in conv.__dict__:
+                conv.__dict__["_smallbn_capture"] = conv.register_forward_pre_hook(_capture_conv_input)
+
+        def configure(self, **kw):
+            pass
+
+        def forward(self, x):
+            if self.training:
+                u = self.conv.__dict__.pop("_smallbn_conv_input", None)
+                if u is not None and x.numel() > 0:
+                    with torch.no_grad():
+                        c = self.conv
+                        conv2d_weight(u.detach(), c.weight.shape, x.detach(), c.stride, c.padding, c.dilation, c.groups)
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps)
+
+    if FLOOR_NORM not in smallbn_d2.modeling.norms.NORM_REGISTRY:
+        smallbn_d2.register_norm(FLOOR_NORM, BatchNormWithStatGradCost)
+
+
+def make_cfg(args, setting: str, norm: str):
+    """The detector config of ``setting`` with ``norm`` (see the module docstring)."""
+    from smallbn_d2.engine import load_config
+
+    name, opts = VARIANTS.get(norm, (norm, []))
+    opts = list(opts)
+    if args.config_file is None:
+        opts += ["MODEL.RESNETS.DEPTH", 50, "MODEL.MASK_ON", True, "MODEL.ROI_BOX_HEAD.NUM_CONV", 4,
+                 "MODEL.ROI_BOX_HEAD.NUM_FC", 1]
+    opts += ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "SOLVER.IMS_PER_BATCH", args.images,
+             "SOLVER.BASE_LR", 0.0025, "INPUT.MIN_SIZE_TRAIN", (args.min_size,), "INPUT.MAX_SIZE_TRAIN", args.max_size,
+             "INPUT.MIN_SIZE_TEST", args.min_size, "INPUT.MAX_SIZE_TEST", args.max_size,
+             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "DATALOADER.NUM_WORKERS", 0,
+             "MODEL.CBN.BURN_IN_ITERS", 0, "MODEL.CBN.BURN_IN_EPOCHS", None]
+    for key in HEAD_NORM_KEYS:
+        opts += [key, name]
+    if setting == "1x":
+        opts += ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", 2]
+    elif setting == "scratch_3x":
+        opts += ["MODEL.RESNETS.NORM", name, "MODEL.BACKBONE.FREEZE_AT", 0, "MODEL.RESNETS.STRIDE_IN_1X1", False]
+    else:
+        raise ValueError(f"setting = {setting!r} is invalid; allowed: {SETTINGS}")
+    cfg = load_config(args.config_file or DEFAULT_CONFIG, opts + list(args.opts))
+    return cfg
+
+
+def load_batches(cfg, n: int, is_train: bool, seed: int = 0):
+    """``n`` batches of ``SOLVER.IMS_PER_BATCH`` mapped dataset dicts (training) or ``n`` single
+    mapped images (inference) from the config's first train / test dataset, deterministic."""
+    import torch
+    from detectron2.data import DatasetCatalog, DatasetMapper
+
+    name = cfg.DATASETS.TRAIN[0] if is_train else cfg.DATASETS.TEST[0]
+    dicts = DatasetCatalog.get(name)
+    if is_train:
+        dicts = [d for d in dicts if any(not a.get("iscrowd", 0) for a in d.get("annotations", []))]
+    if not dicts:
+        raise RuntimeError(f"dataset {name!r} has no usable images")
+    torch.manual_seed(seed)
+    mapper = DatasetMapper(cfg, is_train=is_train)
+    if not is_train:
+        return [mapper(copy.deepcopy(dicts[i % len(dicts)])) for i in range(n)]
+    bs = cfg.SOLVER.IMS_PER_BATCH
+    return [[mapper(copy.deepcopy(dicts[(i * bs + j) % len(dicts)])) for j in range(bs)] for i in range(n)]
+
+
+def calibrate_frozen_bn(model, batch) -> int:
+    """Set the statistics of every FrozenBatchNorm2d of the backbone's bottom-up network (the
+    ResNet; the whole backbone if it has no ``bottom_up``) to those of its input on
+    ``batch`` (layer by layer, in one forward pass), so that a randomly initialized frozen-BN
+    backbone keeps unit-scale activations. Returns the number of layers set."""
+    import torch
+    from detectron2.layers import FrozenBatchNorm2d
+
+    handles = []
+
+    def set_stats(mod, inputs):
+        x = inputs[0]
+        mod.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        mod.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+
+    bottom_up = getattr(model.backbone, "bottom_up", model.backbone)
+    for m in bottom_up.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            handles.append(m.register_forward_pre_hook(set_stats))
+    with torch.no_grad():
+        bottom_up(model.preprocess_image(batch).tensor)
+    for h in handles:
+        h.remove()
+    return len(handles)
+
+
+def child(args) -> dict:
+    """Build one (setting, norm) detector, train it for warm-up + measured steps, then time
+    inference (``--child-mode time``) or measure the peak step memory (``memory``)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child_mode == "memory" and not memory_env_active():
+        raise SystemExit("memory children must run with MALLOC_MMAP_THRESHOLD_=65536 (see tools/bench_utils.py)")
+    import smallbn_d2
+    from detectron2.solver import build_optimizer
+    from detectron2.utils.events import EventStorage
+
+    _register_floor_norm()
+    setting, norm = args.child_setting, args.child_norm
+    cfg = make_cfg(args, setting, norm)
+    steps = args.warmup + (args.iters if args.child_mode == "time" else args.memory_iters)
+    batches = load_batches(cfg, steps, is_train=True)
+    rss0 = None
+    if args.child_mode == "memory":
+        from bench_utils import _status_bytes
+
+        rss0 = _status_bytes("VmRSS")  # after imports and data, before the model
+    torch.manual_seed(0)
+    model = smallbn_d2.build_model(cfg)
+    if setting == "1x":
+        calibrate_frozen_bn(model, batches[0])
+    model.train()
+    optimizer = build_optimizer(cfg, model)
+    times, peaks, nonfinite = [], [], 0
+    with EventStorage(args.start_iter) as storage:
+        for i, batch in enumerate(batches):
+            it = args.start_iter + i
+            storage.iter = it
+            smallbn_d2.set_norm_iteration(model, it)
+            measured = i >= args.warmup
+            with Timer(args.clock) as tm, (PeakRSS() if measured and rss0 is not None else _Null()) as pk:
+                loss_dict = model(batch)
+                losses = sum(loss_dict.values())
+                optimizer.zero_grad()
+                losses.backward()
+                optimizer.step()
+            if not torch.isfinite(losses):
+                nonfinite += 1
+            if measured:
+                times.append(tm.s)
+                if rss0 is not None:
+                    peaks.append(pk.start - rss0 + pk.peak)
+            del loss_dict, losses
+    out = {"setting": setting, "norm": norm, "train_times": times, "nonfinite_losses": nonfinite}
+    if args.child_mode == "memory":
+        out["peak_bytes"] = max(peaks)
+        return out
+    if args.no_inference:
+        return out
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer
+    images = load_batches(cfg, args.infer_images, is_train=False)
+    model.eval()
+    out["infer_eval"] = time_inference(model, images, args)
+    try:
+        from smallbn_d2.deploy import convert_to_frozen_bn
+    except ImportError as e:
+        out["infer_converted"] = None
+        out["convert_error"] = f"smallbn_d2.deploy.convert_to_frozen_bn unavailable ({e})"
+        return out
+    if norm == "GN":
+        out["infer_converted"] = None
+        out["convert_error"] = "GN has no FrozenBN form"
+        return out
+    model = convert_to_frozen_bn(model, fold=False)
+    model.eval()
+    out["infer_converted"] = time_inference(model, images, args)
+    return out
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def time_inference(model, images, args):
+    """Per-image eval-mode forward times (s), after one untimed image."""
+    import torch
+
+    with torch.no_grad():
+        model([images[0]])
+        ts = []
+        for _ in range(args.infer_repeats):
+            for img in images:
+                with Timer(args.clock) as tm:
+                    model([img])
+                ts.append(tm.s)
+    return ts
+
+
+# ------------------------------------------------------------------------------ parent side
+def run_child(args, setting: str, norm: str, mode: str) -> dict:
+    argv = [sys.executable, os.path.abspath(__file__)] + _passthrough(args) + [
+        "--child-setting", setting, "--child-norm", norm, "--child-mode", mode]
+    env = dict(os.environ)
+    if mode == "memory":
+        env.update(MEMORY_ENV)
+    t0 = time.time()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=args.child_timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{setting}/{norm}/{mode} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["wall"] = time.time() - t0
+    return res
+
+
+def _passthrough(args):
+    out = ["--warmup", str(args.warmup), "--iters", str(args.iters), "--memory-iters", str(args.memory_iters),
+           "--min-size", str(args.min_size), "--max-size", str(args.max_size), "--images", str(args.images),
+           "--infer-images", str(args.infer_images), "--infer-repeats", str(args.infer_repeats),
+           "--start-iter", str(args.start_iter), "--clock", args.clock]
+    if args.threads:
+        out += ["--threads", str(args.threads)]
+    if args.config_file:
+        out += ["--config-file", args.config_file]
+    if args.no_inference:
+        out += ["--no-inference"]
+    if args.opts:
+        out += ["--opts"] + [str(o) for o in args.opts]
+    return out
+
+
+def _fmt_s(v):
+    return "n/a" if v is None or v != v else f"{v:.3f}"
+
+
+def build_report(args, results, mem, load_before, load_after, started, finished) -> str:
+    parts = [
+        f"### Detector level: {'Mask R-CNN R50-FPN, 4conv1fc box head' if args.config_file is None else args.config_file}, "
+        f"{args.images} images per iteration, CPU",
+        "",
+        f"Command: `{command_line()}`",
+        "",
+        f"Machine: {machine_description()}; load average (1/5/15 min) {load_before} at the start, {load_after} at the end; "
+        f"run took {(finished - started) / 60:.0f} min.",
+        "",
+        f"Images: shorter side {args.min_size} (longest <= {args.max_size}). Training: median of "
+        f"{args.iters} steps x {args.rounds} round(s) after {args.warmup} warm-up steps ({args.clock} clock), starting at "
+        f"iteration {args.start_iter}. Inference: median over {args.infer_images} val images x {args.infer_repeats} "
+        "repeats, eval mode, then after `convert_to_frozen_bn`. Memory: peak resident memory during a training step "
+        "above the process before the model was built (model, gradients, optimizer state, buffers, activations), "
+        f"max over {args.memory_iters} steps after the warm-up, fresh subprocess per row.",
+    ]
+    summary = []
+    for setting in args.settings:
+        rows = []
+        base = {}
+        agg = {}
+        for norm in args.norms:
+            rs = results.get((setting, norm), [])
+            if not rs and (setting, norm) not in mem:
+                continue
+            a = {
+                "train": median([t for r in rs for t in r["train_times"]]),
+                "eval": median([t for r in rs for t in (r.get("infer_eval") or [])]) if any(
+                    r.get("infer_eval") for r in rs) else None,
+                "conv": median([t for r in rs for t in (r.get("infer_converted") or [])])
+                if any(r.get("infer_converted") for r in rs) else None,
+                "mem": mem.get((setting, norm)),
+                "nonfinite": sum(r["nonfinite_losses"] for r in rs),
+                "note": next((r.get("convert_error") for r in rs if r.get("convert_error")), None),
+            }
+            agg[norm] = a
+        base = agg.get("BN", {})
+        for norm, a in agg.items():
+            rows.append([
+                norm,
+                _fmt_s(a["train"]), fmt_ratio(a["train"], base.get("train", float("nan"))),
+                "n/a" if a["mem"] is None else f"{a['mem'] / 2**20:.0f}",
+                "n/a" if a["mem"] is None or base.get("mem") is None else fmt_ratio(a["mem"], base["mem"]),
+                _fmt_s(a["eval"]), "n/a" if a["eval"] is None else fmt_ratio(a["eval"], base.get("eval") or float("nan")),
+                _fmt_s(a["conv"]) if a["conv"] is not None else f"n/a ({a['note']})" if a["note"] else "n/a",
+                "n/a" if a["conv"] is None else fmt_ratio(a["conv"], base.get("eval") or float("nan")),
+            ])
+            if a["nonfinite"]:
+                summary.append(f"- WARNING {setting}/{norm}: {a['nonfinite']} step(s) with non-finite loss.")
+        title = {"1x": "`1x`: frozen-BN backbone, norm in FPN, box and mask heads",
+                 "scratch_3x": "`scratch_3x`: norm everywhere (backbone, FPN, heads)"}.get(setting, setting)
+        parts += ["", f"#### {title}", "", markdown_table(
+            ["norm", "train s/iter", "vs BN", "peak memory MiB", "vs BN", "inference s/img (eval)", "vs BN",
+             "converted s/img", "vs BN eval"], rows)]
+        if "BN" in agg:
+            for norm in ("CBN", "MABN"):
+                if norm not in agg:
+                    continue
+                t_r = agg[norm]["train"] / base["train"]
+                tgt = TARGETS.get((setting, norm))
+                line = f"- {setting} {norm}:"
+                if t_r == t_r:  # timed
+                    line += f" training {t_r:.2f}x BN"
+                    if tgt:
+                        line += f" (target <= {tgt[0]:.2f}x: {'met' if t_r <= tgt[0] else 'NOT met'})"
+                if agg[norm]["mem"] is not None and base.get("mem"):
+                    m_r = agg[norm]["mem"] / base["mem"]
+                    line += f", memory {m_r:.2f}x"
+                    if tgt:
+                        line += f" (target <= {tgt[1]:.2f}x: {'met' if m_r <= tgt[1] else 'NOT met'})"
+                if agg[norm]["conv"] is not None and base.get("eval"):
+                    c_r = agg[norm]["conv"] / base["eval"]
+                    line += (f", converted inference {c_r:.3f}x BN eval (target within {CONVERTED_TOLERANCE:.0%}: "
+                             f"{'met' if abs(c_r - 1) <= CONVERTED_TOLERANCE else 'NOT met'})")
+                if "floor" in agg and norm == "CBN" and t_r == t_r:
+                    line += f"; floor (BN + d nu/d theta conv) {agg['floor']['train'] / base['train']:.2f}x"
+                summary.append(line + ".")
+            if "GN" in agg and agg["GN"]["eval"] is not None and base.get("eval"):
+                summary.append(f"- {setting} GN: inference {agg['GN']['eval'] / base['eval']:.2f}x BN (papers: about 1.7x).")
+    parts += [""] + summary
+    return "\n".join(parts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config-file", default=None, help="detector config (default: Mask R-CNN R50-FPN 4conv1fc)")
+    ap.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS)
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    ap.add_argument("--images", type=int, default=2, help="images per training iteration")
+    ap.add_argument("--min-size", type=int, default=512, help="shorter image side (train and test)")
+    ap.add_argument("--max-size", type=int, default=853, help="longest image side (train and test)")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps (>= CBN window size - 1)")
+    ap.add_argument("--iters", type=int, default=5, help="measured training steps per round")
+    ap.add_argument("--memory-iters", type=int, default=1, help="measured steps in the memory subprocess")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat all timings this many times (noisy machines)")
+    ap.add_argument("--infer-images", type=int, default=2)
+    ap.add_argument("--infer-repeats", type=int, default=2)
+    ap.add_argument("--start-iter", type=int, default=20000, help="trainer iteration of the first step")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-inference", action="store_true")
+    ap.add_argument("--no-timing", action="store_true", help="memory subprocesses only")
+    ap.add_argument("--child-timeout", type=float, default=7200)
+    ap.add_argument("--out", default=os.path.join(REPO, "docs", "BENCHMARKS.md"))
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/BENCHMARKS.md")
+    ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")
+    ap.add_argument("--child-setting", help=argparse.SUPPRESS)
+    ap.add_argument("--child-norm", help=argparse.SUPPRESS)
+    ap.add_argument("--child-mode", choices=("time", "memory"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.child_mode:
+        print(json.dumps(child(args)))
+        return
+
+    started = time.time()
+    load_before = load_average()
+    results, mem, errors = {}, {}, {}
+    for r in range(0 if args.no_timing else args.rounds):
+        for setting in args.settings:
+            for norm in args.norms:
+                try:
+                    res = run_child(args, setting, norm, "time")
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    errors[(setting, norm)] = str(e).strip().splitlines()[-1][:200]
+                    print(f"[round {r + 1}] {setting:10s} {norm:9s} FAILED: {e}", file=sys.stderr, flush=True)
+                    continue
+                results.setdefault((setting, norm), []).append(res)
+                print(f"[round {r + 1}] {setting:10s} {norm:9s} train {median(res['train_times']):.2f} s/iter"
+                      + (f", eval {median(res['infer_eval']):.2f} s/img" if res.get("infer_eval") else "")
+                      + (f", converted {median(res['infer_converted']):.2f} s/img" if res.get("infer_converted") else "")
+                      + f" ({res['wall']:.0f}s)", file=sys.stderr, flush=True)
+    if not args.no_memory:
+        for setting in args.settings:
+            for norm in args.norms:
+                if (setting, norm) in errors:
+                    continue
+                try:
+                    res = run_child(args, setting, norm, "memory")
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    print(f"[memory] {setting:10s} {norm:9s} FAILED: {e}", file=sys.stderr, flush=True)
+                    continue
+                mem[(setting, norm)] = res["peak_bytes"]
+                print(f"[memory] {setting:10s} {norm:9s} {res['peak_bytes'] / 2**20:.0f} MiB ({res['wall']:.0f}s)",
+                      file=sys.stderr, flush=True)
+    report = build_report(args, results, mem, load_before, load_average(), started, time.time())
+    if errors:
+        report += "\n\nFailed rows: " + "; ".join(f"{s}/{n}: {e}" for (s, n), e in errors.items())
+    print(report)
+    if not args.no_write:
+        write_doc_section(args.out, SECTION, report)
+        print(f"\nwrote section {SECTION!r} of {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
