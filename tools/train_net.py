@@ -18,6 +18,8 @@ A new run refuses a non-empty OUTPUT_DIR (``--resume`` continues the run there,
 import logging
 import sys
 
+import torch
+
 import smallbn_d2  # noqa: F401  (first: compatibility fixes, datasets root, norm names)
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
@@ -49,6 +51,10 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
+    if cfg.MODEL.DEVICE == "cpu":
+        # Subnormal floats (|x| < 1.2e-38), common in gradients of models trained from scratch,
+        # are 10-100x slower on x86 CPUs; flushing them to zero changes no result that matters.
+        torch.set_flush_denormal(True)
     check_datasets_exist(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     if args.eval_only:
         model = Trainer.build_model(cfg)

@@ -2,5 +2,6 @@
 from .defaults import OutputDirExistsError, check_output_dir, load_config
 from .freeze import FreezeNormStatsHook, freeze_norm_statistics
 from .hooks import NormIterationHook
+from .launch import launch
 from .precise_norm import PreciseNorm, update_norm_stats
 from .trainer import Trainer

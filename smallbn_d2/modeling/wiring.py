@@ -177,7 +177,7 @@ def prepare_norms(model: nn.Module, cfg: CfgNode, burn_in_iters: Optional[int] =
             )
         if isinstance(layer, CrossIterationBatchNorm2d):
             layer.configure(window_size=c.WINDOW_SIZE, burn_in=burn_in_iters, momentum=c.MOMENTUM, eps=c.EPS,
-                            aggregation=c.AGGREGATION)
+                            aggregation=c.AGGREGATION, grad_subsample=c.GRAD_SUBSAMPLE)
         elif isinstance(layer, MovingAverageBatchNorm2d):
             warmup = max(m.WARMUP_ITERS, m.HEAD_WARMUP_ITERS) if id(layer) in heads else m.WARMUP_ITERS
             layer.configure(buffer_size=m.BUFFER_SIZE, momentum=m.MOMENTUM, eps=m.EPS, warmup_iters=warmup,
@@ -187,6 +187,16 @@ def prepare_norms(model: nn.Module, cfg: CfgNode, burn_in_iters: Optional[int] =
         for _, layer in layers:
             counts[type(layer).__name__] = counts.get(type(layer).__name__, 0) + 1
         logger.info(f"smallbn_d2: prepared {counts} (heads: {len(heads)} layers)")
+        frozen = [name for name, layer in layers if layer.affine and not layer.weight.requires_grad]
+        if frozen:
+            # Detectron2's ResNet.freeze() (MODEL.BACKBONE.FREEZE_AT) turns only BatchNorm into
+            # FrozenBatchNorm2d; CBN/MABN in frozen stages keep updating their statistics.
+            logger.warning(
+                f"{len(frozen)} CBN/MABN layers sit in frozen stages (MODEL.BACKBONE.FREEZE_AT = "
+                f"{cfg.MODEL.BACKBONE.FREEZE_AT}), e.g. {frozen[0]!r}: their affine parameters are frozen but "
+                "their statistics still adapt in training. Use FREEZE_AT 0 with CBN/MABN in the backbone, "
+                "or MODEL.RESNETS.NORM FrozenBN for a frozen pretrained backbone."
+            )
     return model
 
 
