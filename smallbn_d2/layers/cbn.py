@@ -333,8 +333,8 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         """Pop the producing conv's captured input and check that it produced ``x``."""
         conv = self._require_conv()
         u = conv.__dict__.pop("_smallbn_conv_input", None)
-        if not self.compensate:
-            return None
+        if u is None and not self.compensate:
+            return None  # Naive CBN needs no input; it checks the wiring when the input is there
         if u is None:
             raise NormNotWiredError(
                 f"{type(self).__name__}: the attached conv {conv} did not run before this layer in "
@@ -346,7 +346,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
                 f"{type(self).__name__}: input of shape {tuple(x.shape)} was not produced by the attached "
                 f"conv {conv} from its last input of shape {tuple(u.shape)} (expected {expected})."
             )
-        return u
+        return u if self.compensate else None  # Naive CBN checks the wiring but needs no input
 
     def _window_statistics(self, t: int, mu_t, var_t, cdt):
         """Compensated window mean and variance and the number of entries averaged (the current
@@ -389,7 +389,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         dt = self.running_mean.dtype
         self.running_mean.copy_(torch.where(finite, (1 - m) * self.running_mean + m * mu_t.to(dt), self.running_mean))
         self.running_var.copy_(torch.where(finite, (1 - m) * self.running_var + m * unbiased.to(dt), self.running_var))
-        self.num_batches_tracked.add_(1)
+        self.num_batches_tracked.add_(finite.long())  # batches whose statistics were used
         k = self.window_size
         if k == 1 or t < self.burn_in - (k - 1):
             return
