@@ -96,9 +96,9 @@ class _CBNNormalize(torch.autograd.Function):
         dL/dgamma = sum(g xhat),  dL/dbeta = sum(g),
 
     i.e. coef * (BatchNorm's backward with mean mu_bar and invstd s) + (1 - coef) gamma s g:
-    one ``native_batch_norm_backward`` call (exactly BatchNorm's backward when k = 1,
-    ``batch_only``), then one in-place ``mul_``/``addcmul_`` pair for the window. Only x is
-    saved, as BatchNorm saves it.
+    one ``native_batch_norm_backward`` call with weight coef * gamma (exactly BatchNorm's backward
+    when k = 1, ``batch_only``), then one in-place ``addcmul_`` for the window. Only x is saved,
+    as BatchNorm saves it.
     """
 
     @staticmethod
@@ -118,15 +118,21 @@ class _CBNNormalize(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_y.dtype != x.dtype:
             grad_y = grad_y.to(x.dtype)
-        # BatchNorm's backward with mean mu_bar and invstd s: gamma s (g - mean(g) - xhat
-        # mean(g xhat)), and its weight / bias gradients sum(g xhat), sum(g).
+        # BatchNorm's backward with mean mu_bar and invstd s and weight coef * gamma: coef * gamma
+        # s (g - mean(g) - xhat mean(g xhat)); its weight / bias gradients are sum(g xhat), sum(g)
+        # whatever the weight.
+        gamma = None if weight is None else weight.to(invstd.dtype)
+        if ctx.batch_only:
+            scaled = gamma
+        else:
+            scaled = coef if gamma is None else coef * gamma
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_y, x, weight, None, None, mu_bar, invstd, True, ctx.eps,
+            grad_y, x, scaled, None, None, mu_bar, invstd, True, ctx.eps,
             [need_x, weight is not None and need_w, ctx.bias_dtype is not None and need_b])
         if need_x and not ctx.batch_only:
-            # window: the mean terms scaled by coef, i.e. coef * (BN's dx) + (1 - coef) gamma s g
-            a = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            grad_x.mul_(coef[None, :, None, None]).addcmul_(grad_y, ((1.0 - coef) * a)[None, :, None, None])
+            # window: + (1 - coef) gamma s g (one in-place pass)
+            a = invstd if gamma is None else invstd * gamma
+            grad_x.addcmul_(grad_y, ((1.0 - coef) * a)[None, :, None, None])
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
@@ -320,6 +326,10 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         return y
 
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.running_mean.dtype and (not self.affine or self.weight.dtype == x.dtype):
+            # BatchNorm's own inference kernel: one fused pass, the cost of nn.BatchNorm2d.eval()
+            return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                    False, 0.0, self.eps, torch.backends.cudnn.enabled)
         cdt = torch.promote_types(x.dtype, torch.float32)
         scale = torch.rsqrt(self.running_var.to(cdt) + self.eps)
         if self.affine:
