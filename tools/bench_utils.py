@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Sequence
 
 #: Environment for memory-measuring subprocesses (see the module docstring).
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}

@@ -44,7 +44,7 @@ from torch.nn.grad import conv2d_weight
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import smallbn_d2  # noqa: E402
+import smallbn_d2  # noqa: E402,F401  (compat fixes, norm names)
 from smallbn_d2.layers import (  # noqa: E402
     CrossIterationBatchNorm2d,
     MovingAverageBatchNorm2d,
@@ -70,7 +70,7 @@ DESCRIPTIONS = {
     "floor": "BN + one extra weight-gradient conv per block (exact CBN's arithmetic floor)",
     "CBN": "CBN k=4, closed form (grad_mode='closed_form')",
     "CBN-autograd": "CBN k=4, autograd path (grad_mode='autograd', the released code's way)",
-    "CBN-sub2": "CBN k=4, closed form, d nu/d theta from every 2nd RoI (grad_subsample=2, approximate)",
+    "CBN-sub2": "CBN k=4, closed form, d nu/d theta from every 2nd RoI (grad_subsample=2, approximate)",  # rows if N < 8
     "NaiveCBN": "Naive CBN k=4 (no compensation)",
     "MABN": "MABN m=16, SMA and renormalization active",
     "GN": "GroupNorm, 32 groups",
@@ -170,7 +170,6 @@ def subsample_accuracy(args) -> str:
     sys.path.insert(0, os.path.join(REPO, "projects", "CBNStatistics"))
     import cbn_statistics as diag
     from smallbn_d2.layers import cbn_grad
-    from smallbn_d2.layers.cbn_grad import subsample_plan
 
     exact = diag.stat_grads_closed_form
     runs = {}
