@@ -30,12 +30,7 @@ LOSS_RTOL = {"loss_cls": 0.01, "loss_mask": 0.01, "loss_rpn_cls": 0.01, "loss_rp
 TOTAL_RTOL = 0.05
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cfg(norm):

@@ -25,12 +25,7 @@ NORMS = ["CBN", "MABN"]
 _COUNTERS = ("num_batches_tracked",)  # counts forward calls, not statistics
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cfg(norm, opts=()):

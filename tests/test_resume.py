@@ -119,13 +119,7 @@ def resume_cfg(norm, out_dir, max_iter=N + M, opts=()):
     ] + list(opts))
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: deterministic reductions, and no oversubscription on the CI's 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one_thread: tests/conftest.py
 
 
 def _model_state(trainer):
