@@ -63,6 +63,7 @@ from .layers import (
     IterationNormBase,
     MovingAverageBatchNorm2d,
     is_weight_centralized,
+    release_conv_input,
     remove_weight_centralization,
 )
 
@@ -169,10 +170,7 @@ def _release_cbn_capture(layer: nn.Module) -> None:
     conv = layer.conv if isinstance(layer, IterationNormBase) else None
     if conv is None:
         return
-    handle = conv.__dict__.pop("_smallbn_capture", None)  # set by CrossIterationBatchNorm2d
-    if handle is not None:
-        handle.remove()
-    conv.__dict__.pop("_smallbn_conv_input", None)
+    release_conv_input(conv)
 
 
 def _convert_cycle(cycle: CycleBatchNormList, name: str) -> Optional[CycleBatchNormList]:

@@ -15,7 +15,7 @@ from detectron2.engine import HookBase
 from detectron2.layers import Conv2d, CycleBatchNormList
 from smallbn_d2 import ConfigValueError
 from smallbn_d2.engine import FreezeNormStatsHook, NormIterationHook, Trainer, freeze_norm_statistics, load_config
-from smallbn_d2.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
+from smallbn_d2.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, has_conv_input
 
 from helpers import TINY, tiny_cfg
 
@@ -97,7 +97,7 @@ def test_frozen_statistics_do_not_change_forward_equals_eval_and_gamma_beta_trai
     for k, v in trained.items():
         assert torch.equal(after[k], v), k
     assert all(not torch.equal(p, params[n]) for n, p in net.named_parameters() if n in affine)
-    assert net[0].__dict__.get("_smallbn_conv_input") is None  # the conv keeps no activation
+    assert not has_conv_input(net[0])  # the conv keeps no activation
 
     net.train()  # model.train() (e.g. after an evaluation) unfreezes
     assert all(m.training for m in _norms(net))

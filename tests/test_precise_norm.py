@@ -17,7 +17,7 @@ import smallbn_d2
 from detectron2.engine import hooks as d2_hooks
 from detectron2.layers import CycleBatchNormList
 from smallbn_d2.engine import NormIterationHook, PreciseNorm, Trainer, update_norm_stats
-from smallbn_d2.layers import CrossIterationBatchNorm2d, IterationNormBase, MovingAverageBatchNorm2d
+from smallbn_d2.layers import CrossIterationBatchNorm2d, IterationNormBase, MovingAverageBatchNorm2d, has_conv_input
 
 from helpers import coco_batches, tiny_cfg
 
@@ -104,7 +104,7 @@ def test_update_norm_stats_equals_exact_population_statistics():
             continue
         assert torch.equal(after[key], value), key
     assert all(m.training for m in net.modules())
-    assert conv1.__dict__.get("_smallbn_conv_input") is None  # no activation kept by the conv
+    assert not has_conv_input(conv1)  # no activation kept by the conv
 
 
 def test_update_norm_stats_skips_layers_in_eval_mode_and_checks_arguments():

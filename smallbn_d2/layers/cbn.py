@@ -42,16 +42,12 @@ from torch import nn
 
 from .base import IterationNormBase, NormNotWiredError, _positive
 from .cbn_grad import check_supported_conv, stat_grads_autograd, stat_grads_closed_form
+from .conv_input import capture_conv_input, pop_conv_input
 
 __all__ = ["CrossIterationBatchNorm2d", "NaiveCrossIterationBatchNorm2d"]
 
 _AGGREGATIONS = ("paper", "drop_invalid")
 _GRAD_MODES = ("closed_form", "autograd")
-
-
-def _capture_conv_input(conv: nn.Conv2d, args) -> None:
-    """Forward pre-hook of a producing conv: keep its input for the CBN that follows it."""
-    conv.__dict__["_smallbn_conv_input"] = args[0] if conv.training else None
 
 
 def _conv_output_size(conv: nn.Conv2d, h: int, w: int):
@@ -249,8 +245,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
 
     def _conv_attached(self, conv: nn.Conv2d) -> None:
         check_supported_conv(conv)
-        if "_smallbn_capture" not in conv.__dict__:
-            conv.__dict__["_smallbn_capture"] = conv.register_forward_pre_hook(_capture_conv_input)
+        capture_conv_input(conv)
         self._allocate_window()
 
     def _allocate_window(self) -> None:
@@ -342,7 +337,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
     def _take_conv_input(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Pop the producing conv's captured input and check that it produced ``x``."""
         conv = self._require_conv()
-        u = conv.__dict__.pop("_smallbn_conv_input", None)
+        u = pop_conv_input(conv)
         if u is None and not self.compensate:
             return None  # Naive CBN needs no input; it checks the wiring when the input is there
         if u is None:
