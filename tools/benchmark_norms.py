@@ -21,9 +21,11 @@ and measures, on this machine (CPU):
   records the peak resident memory during a training step (after warm-up) minus the resident
   memory of the process before the model was built: model, gradients, optimizer state,
   buffers (CBN's window) and the step's activations and temporaries (see tools/bench_utils.py);
-* inference s/image in eval mode (median over images and repeats, after one untimed image);
-* inference s/image after ``smallbn_d2.deploy.convert_to_frozen_bn`` (CBN/MABN/BN layers become
-  Detectron2's FrozenBatchNorm2d; GN has no such form and is left as GN).
+* inference s/image in eval mode and after ``smallbn_d2.deploy.convert_to_frozen_bn`` (CBN/MABN/BN
+  layers become Detectron2's FrozenBatchNorm2d; GN has no such form): one process per setting
+  holds all the models and runs them in rotating order on the same images, so that the
+  comparison is paired (the drift between processes on a shared machine is several percent,
+  more than the 2% target); the ratio to BN is the median of the per-image ratios.
 
 Default detector: Mask R-CNN R50-FPN with the 4conv1fc box head (``configs/Base-RCNN-FPN.yaml``,
 ``RESNETS.DEPTH 50``, ``ROI_BOX_HEAD.NUM_CONV 4``, ``NUM_FC 1``), 2 images per iteration, random
@@ -40,7 +42,7 @@ starts at iteration ``--start-iter`` (20000) so that MABN is past all its warm-u
 renormalization, heads). ``--config-file``/``--opts`` replace the default detector; the
 setting's ``NORM`` keys are applied on top.
 
-Each (setting, norm) is timed in its own subprocess, one after the other (``--rounds`` > 1
+Each (setting, norm) is trained and timed in its own subprocess, one after the other (``--rounds`` > 1
 repeats the whole sequence and takes medians, for a noisy machine). The result is printed as
 Markdown tables and written to the ``benchmark_norms`` section of docs/BENCHMARKS.md
 (``--no-write`` to skip) with the command and the machine.
@@ -89,6 +91,8 @@ TARGETS = {  # (setting, norm) -> (max time ratio, max memory ratio); None = rep
     ("1x", "MABN"): (1.10, 1.05),
 }
 CONVERTED_TOLERANCE = 0.02  # converted CBN/MABN inference within 2% of BN
+#: rows whose inference is, by construction, that of another row (same layers in eval mode)
+INFERENCE_SAME_AS = {"floor": "BN", "CBN-sub2": "CBN"}
 
 
 # ------------------------------------------------------------------------------ child side
@@ -101,7 +105,7 @@ def _register_floor_norm():
 
     import smallbn_d2
     from smallbn_d2.layers.base import IterationNormBase
-    from smallbn_d2.layers.cbn import _capture_conv_input
+    from smallbn_d2.layers.conv_input import capture_conv_input, pop_conv_input
 
     class BatchNormWithStatGradCost(IterationNormBase):
         """BN (batch statistics in training, running statistics in eval) + one conv2d_weight."""
@@ -112,15 +116,14 @@ def _register_floor_norm():
             self.register_buffer("running_var", torch.ones(num_features))
 
         def _conv_attached(self, conv):
-            if "_smallbn_capture" not in conv.__dict__:
-                conv.__dict__["_smallbn_capture"] = conv.register_forward_pre_hook(_capture_conv_input)
+            capture_conv_input(conv)
 
         def configure(self, **kw):
             pass
 
         def forward(self, x):
             if self.training:
-                u = self.conv.__dict__.pop("_smallbn_conv_input", None)
+                u = pop_conv_input(self.conv)
                 if u is not None and x.numel() > 0:
                     with torch.no_grad():
                         c = self.conv
@@ -255,28 +258,57 @@ def child(args) -> dict:
     out = {"setting": setting, "norm": norm, "train_times": times, "nonfinite_losses": nonfinite}
     if args.child_mode == "memory":
         out["peak_bytes"] = max(peaks)
-        return out
-    if args.no_inference:
-        return out
-    optimizer.zero_grad(set_to_none=True)
-    del optimizer
-    images = load_batches(cfg, args.infer_images, is_train=False)
-    model.eval()
-    out["infer_eval"] = time_inference(model, images, args)
-    try:
-        from smallbn_d2.deploy import convert_to_frozen_bn
-    except ImportError as e:
-        out["infer_converted"] = None
-        out["convert_error"] = f"smallbn_d2.deploy.convert_to_frozen_bn unavailable ({e})"
-        return out
-    if norm == "GN":
-        out["infer_converted"] = None
-        out["convert_error"] = "GN has no FrozenBN form"
-        return out
-    model = convert_to_frozen_bn(model, fold=False)
-    model.eval()
-    out["infer_converted"] = time_inference(model, images, args)
     return out
+
+
+def child_inference(args) -> dict:
+    """Time inference of every norm of one setting in ONE process, interleaved image by image.
+
+    Inference cost does not depend on the values of the weights or statistics, only on the
+    layers; so the models are built with the same seed (identical conv weights: the norms' own
+    parameters are constant at initialization), not trained, and compared on the same images in
+    rotating order (each (image, repeat) runs every model once), which cancels the drift of a
+    shared machine between separate processes (several percent, larger than the 2% target).
+    Per model: eval mode, and (except GN, which has no FrozenBN form) after
+    ``convert_to_frozen_bn``. Returns the per-(image, repeat) times (s) of each model."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import smallbn_d2
+    from smallbn_d2.deploy import convert_to_frozen_bn
+
+    _register_floor_norm()
+    setting = args.child_setting
+    models = {}
+    images = None
+    for norm in [n for n in args.norms if n not in INFERENCE_SAME_AS]:
+        cfg = make_cfg(args, setting, norm)
+        if images is None:
+            images = load_batches(cfg, args.infer_images, is_train=False)
+        torch.manual_seed(0)
+        model = smallbn_d2.build_model(cfg)
+        if setting == "1x":
+            calibrate_frozen_bn(model, load_batches(cfg, 1, is_train=True)[0])
+        model.eval()
+        models[(norm, "eval")] = model
+        if norm != "GN":
+            models[(norm, "converted")] = convert_to_frozen_bn(copy.deepcopy(model), fold=False).eval()
+    keys = list(models)
+    times = {k: [] for k in keys}
+    with torch.no_grad():
+        for k in keys:  # one untimed image per model
+            models[k]([images[0]])
+        step = 0
+        for _ in range(args.infer_repeats):
+            for img in images:
+                order = keys[step % len(keys):] + keys[:step % len(keys)]  # rotate: no model always first
+                step += 1
+                for k in order:
+                    with Timer(args.clock) as tm:
+                        models[k]([img])
+                    times[k].append(tm.s)
+    return {"setting": setting, "times": {f"{n}|{kind}": ts for (n, kind), ts in times.items()}}
 
 
 class _Null:
@@ -287,25 +319,11 @@ class _Null:
         return False
 
 
-def time_inference(model, images, args):
-    """Per-image eval-mode forward times (s), after one untimed image."""
-    import torch
-
-    with torch.no_grad():
-        model([images[0]])
-        ts = []
-        for _ in range(args.infer_repeats):
-            for img in images:
-                with Timer(args.clock) as tm:
-                    model([img])
-                ts.append(tm.s)
-    return ts
-
-
 # ------------------------------------------------------------------------------ parent side
 def run_child(args, setting: str, norm: str, mode: str) -> dict:
-    argv = [sys.executable, os.path.abspath(__file__)] + _passthrough(args) + [
-        "--child-setting", setting, "--child-norm", norm, "--child-mode", mode]
+    # the child arguments come first: --opts (in the pass-through) takes the rest of the line
+    argv = [sys.executable, os.path.abspath(__file__), "--child-setting", setting, "--child-norm", norm,
+            "--child-mode", mode] + _passthrough(args)
     env = dict(os.environ)
     if mode == "memory":
         env.update(MEMORY_ENV)
@@ -325,10 +343,9 @@ def _passthrough(args):
            "--start-iter", str(args.start_iter), "--clock", args.clock]
     if args.threads:
         out += ["--threads", str(args.threads)]
+    out += ["--norms"] + list(args.norms)
     if args.config_file:
         out += ["--config-file", args.config_file]
-    if args.no_inference:
-        out += ["--no-inference"]
     if args.opts:
         out += ["--opts"] + [str(o) for o in args.opts]
     return out
@@ -338,7 +355,23 @@ def _fmt_s(v):
     return "n/a" if v is None or v != v else f"{v:.3f}"
 
 
-def build_report(args, results, mem, load_before, load_after, started, finished) -> str:
+def _inference_summary(times, norm):
+    """Median s/image of ``norm`` in eval mode and converted, and the median over (image, repeat)
+    of its time divided by BN's eval-mode time on the same image and repeat (paired ratios)."""
+    out = {"eval": None, "conv": None, "eval_ratio": None, "conv_ratio": None}
+    if not times:
+        return out
+    bn = times.get("BN|eval")
+    for kind, key in (("eval", "eval"), ("converted", "conv")):
+        ts = times.get(f"{norm}|{kind}")
+        if ts:
+            out[key] = median(ts)
+            if bn:
+                out[key + "_ratio"] = median([t / b for t, b in zip(ts, bn)])
+    return out
+
+
+def build_report(args, results, mem, infer, load_before, load_after, started, finished) -> str:
     parts = [
         f"### Detector level: {'Mask R-CNN R50-FPN, 4conv1fc box head' if args.config_file is None else args.config_file}, "
         f"{args.images} images per iteration, CPU",
@@ -350,8 +383,10 @@ def build_report(args, results, mem, load_before, load_after, started, finished)
         "",
         f"Images: shorter side {args.min_size} (longest <= {args.max_size}). Training: median of "
         f"{args.iters} steps x {args.rounds} round(s) after {args.warmup} warm-up steps ({args.clock} clock), starting at "
-        f"iteration {args.start_iter}. Inference: median over {args.infer_images} val images x {args.infer_repeats} "
-        "repeats, eval mode, then after `convert_to_frozen_bn`. Memory: peak resident memory during a training step "
+        f"iteration {args.start_iter}. Inference ({args.clock} clock): one process per setting holds every model, in eval "
+        "mode and after `convert_to_frozen_bn`, built with the same seed, and runs them in rotating order on each of "
+        f"{args.infer_images} val images x {args.infer_repeats} repeats; s/img is the median, 'vs BN eval' the median of "
+        "the paired per-image ratios to BN in eval mode. Memory: peak resident memory during a training step "
         "above the process before the model was built (model, gradients, optimizer state, buffers, activations), "
         f"max over {args.memory_iters} steps after the warm-up, fresh subprocess per row.",
     ]
@@ -362,49 +397,47 @@ def build_report(args, results, mem, load_before, load_after, started, finished)
         agg = {}
         for norm in args.norms:
             rs = results.get((setting, norm), [])
-            if not rs and (setting, norm) not in mem:
+            if not rs and (setting, norm) not in mem and setting not in infer:
                 continue
             a = {
-                "train": median([t for r in rs for t in r["train_times"]]),
-                "eval": median([t for r in rs for t in (r.get("infer_eval") or [])]) if any(
-                    r.get("infer_eval") for r in rs) else None,
-                "conv": median([t for r in rs for t in (r.get("infer_converted") or [])])
-                if any(r.get("infer_converted") for r in rs) else None,
+                "train": median([t for r in rs for t in r["train_times"]]) if rs else None,
                 "mem": mem.get((setting, norm)),
                 "nonfinite": sum(r["nonfinite_losses"] for r in rs),
-                "note": next((r.get("convert_error") for r in rs if r.get("convert_error")), None),
             }
+            a.update(_inference_summary(infer.get(setting), INFERENCE_SAME_AS.get(norm, norm)))
             agg[norm] = a
         base = agg.get("BN", {})
         for norm, a in agg.items():
+            same = INFERENCE_SAME_AS.get(norm)
             rows.append([
                 norm,
-                _fmt_s(a["train"]), fmt_ratio(a["train"], base.get("train", float("nan"))),
+                _fmt_s(a["train"]), "n/a" if a["train"] is None or not base.get("train") else fmt_ratio(a["train"], base["train"]),
                 "n/a" if a["mem"] is None else f"{a['mem'] / 2**20:.0f}",
                 "n/a" if a["mem"] is None or base.get("mem") is None else fmt_ratio(a["mem"], base["mem"]),
-                _fmt_s(a["eval"]), "n/a" if a["eval"] is None else fmt_ratio(a["eval"], base.get("eval") or float("nan")),
-                _fmt_s(a["conv"]) if a["conv"] is not None else f"n/a ({a['note']})" if a["note"] else "n/a",
-                "n/a" if a["conv"] is None else fmt_ratio(a["conv"], base.get("eval") or float("nan")),
+                _fmt_s(a["eval"]) + (f" (= {same})" if same and a["eval"] is not None else ""),
+                "n/a" if a["eval_ratio"] is None else f"{a['eval_ratio']:.3f}x",
+                (_fmt_s(a["conv"]) + (f" (= {same})" if same else "")) if a["conv"] is not None else "n/a (GN has no FrozenBN form)" if norm == "GN" else "n/a",
+                "n/a" if a["conv_ratio"] is None else f"{a['conv_ratio']:.3f}x",
             ])
             if a["nonfinite"]:
                 summary.append(f"- WARNING {setting}/{norm}: {a['nonfinite']} step(s) with non-finite loss.")
         title = {"1x": "`1x`: frozen-BN backbone, norm in FPN, box and mask heads",
                  "scratch_3x": "`scratch_3x`: norm everywhere (backbone, FPN, heads)"}.get(setting, setting)
         parts += ["", f"#### {title}", "", markdown_table(
-            ["norm", "train s/iter", "vs BN", "peak memory MiB", "vs BN", "inference s/img (eval)", "vs BN",
+            ["norm", "train s/iter", "vs BN", "peak memory MiB", "vs BN", "inference s/img (eval)", "vs BN eval",
              "converted s/img", "vs BN eval"], rows)]
         if "BN" in agg:
             for norm in ("CBN", "CBN-sub2", "MABN"):
                 if norm not in agg:
                     continue
-                t_r = agg[norm]["train"] / base["train"]
+                t_r = agg[norm]["train"] / base["train"] if agg[norm]["train"] and base.get("train") else None
                 tgt = TARGETS.get((setting, norm))
                 items = []
-                if t_r == t_r:  # timed
+                if t_r is not None:  # timed
                     item = f"training {t_r:.2f}x BN"
                     if tgt:
                         item += f" (target <= {tgt[0]:.2f}x: {'met' if t_r <= tgt[0] else 'NOT met'})"
-                    if "floor" in agg and norm == "CBN":
+                    if "floor" in agg and norm == "CBN" and agg["floor"]["train"]:
                         item += f"; floor (BN + d nu/d theta conv) {agg['floor']['train'] / base['train']:.2f}x"
                     items.append(item)
                 if agg[norm]["mem"] is not None and base.get("mem"):
@@ -413,14 +446,16 @@ def build_report(args, results, mem, load_before, load_after, started, finished)
                     if tgt:
                         item += f" (target <= {tgt[1]:.2f}x: {'met' if m_r <= tgt[1] else 'NOT met'})"
                     items.append(item)
-                if agg[norm]["conv"] is not None and base.get("eval"):
-                    c_r = agg[norm]["conv"] / base["eval"]
+                if agg[norm]["conv_ratio"] is not None and norm not in INFERENCE_SAME_AS:
+                    c_r = agg[norm]["conv_ratio"]
                     items.append(f"converted inference {c_r:.3f}x BN eval (target within {CONVERTED_TOLERANCE:.0%}: "
-                                 f"{'met' if abs(c_r - 1) <= CONVERTED_TOLERANCE else 'NOT met'})")
+                                 f"{'met' if abs(c_r - 1) <= CONVERTED_TOLERANCE else 'NOT met'}; converted BN "
+                                 f"{agg['BN']['conv_ratio']:.3f}x)")
                 line = f"- {setting} {norm}: " + ", ".join(items)
                 summary.append(line + ".")
-            if "GN" in agg and agg["GN"]["eval"] is not None and base.get("eval"):
-                summary.append(f"- {setting} GN: inference {agg['GN']['eval'] / base['eval']:.2f}x BN (papers: about 1.7x).")
+            if "GN" in agg and agg["GN"]["eval_ratio"] is not None:
+                summary.append(f"- {setting} GN: inference {agg['GN']['eval_ratio']:.2f}x BN eval "
+                               "(the papers: about 1.7x on GPUs).")
     parts += [""] + summary
     return "\n".join(parts)
 
@@ -437,8 +472,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=5, help="measured training steps per round")
     ap.add_argument("--memory-iters", type=int, default=1, help="measured steps in the memory subprocess")
     ap.add_argument("--rounds", type=int, default=1, help="repeat all timings this many times (noisy machines)")
-    ap.add_argument("--infer-images", type=int, default=2)
-    ap.add_argument("--infer-repeats", type=int, default=2)
+    ap.add_argument("--infer-images", type=int, default=4, help="val images for the inference timing")
+    ap.add_argument("--infer-repeats", type=int, default=3, help="passes over the inference images")
     ap.add_argument("--start-iter", type=int, default=20000, help="trainer iteration of the first step")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
@@ -451,11 +486,11 @@ def main(argv=None):
     ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")
     ap.add_argument("--child-setting", help=argparse.SUPPRESS)
     ap.add_argument("--child-norm", help=argparse.SUPPRESS)
-    ap.add_argument("--child-mode", choices=("time", "memory"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-mode", choices=("time", "memory", "infer"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child_mode:
-        print(json.dumps(child(args)))
+        print(json.dumps(child_inference(args) if args.child_mode == "infer" else child(args)))
         return
 
     started = time.time()
@@ -472,9 +507,20 @@ def main(argv=None):
                     continue
                 results.setdefault((setting, norm), []).append(res)
                 print(f"[round {r + 1}] {setting:10s} {norm:9s} train {median(res['train_times']):.2f} s/iter"
-                      + (f", eval {median(res['infer_eval']):.2f} s/img" if res.get("infer_eval") else "")
-                      + (f", converted {median(res['infer_converted']):.2f} s/img" if res.get("infer_converted") else "")
-                      + f" ({res['wall']:.0f}s)", file=sys.stderr, flush=True)
+                      f" ({res['wall']:.0f}s)", file=sys.stderr, flush=True)
+    infer = {}
+    if not (args.no_inference or args.no_timing):
+        for setting in args.settings:
+            try:
+                res = run_child(args, setting, "all", "infer")
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                errors[(setting, "inference")] = str(e).strip().splitlines()[-1][:200]
+                print(f"[inference] {setting:10s} FAILED: {e}", file=sys.stderr, flush=True)
+                continue
+            infer[setting] = res["times"]
+            print(f"[inference] {setting:10s} " + ", ".join(
+                f"{k} {median(v):.2f}" for k, v in res["times"].items()) + f" s/img ({res['wall']:.0f}s)",
+                file=sys.stderr, flush=True)
     if not args.no_memory:
         for setting in args.settings:
             for norm in args.norms:
@@ -488,7 +534,7 @@ def main(argv=None):
                 mem[(setting, norm)] = res["peak_bytes"]
                 print(f"[memory] {setting:10s} {norm:9s} {res['peak_bytes'] / 2**20:.0f} MiB ({res['wall']:.0f}s)",
                       file=sys.stderr, flush=True)
-    report = build_report(args, results, mem, load_before, load_average(), started, time.time())
+    report = build_report(args, results, mem, infer, load_before, load_average(), started, time.time())
     if errors:
         report += "\n\nFailed rows: " + "; ".join(f"{s}/{n}: {e}" for (s, n), e in errors.items())
     print(report)
