@@ -42,8 +42,10 @@ starts at iteration ``--start-iter`` (20000) so that MABN is past all its warm-u
 renormalization, heads). ``--config-file``/``--opts`` replace the default detector; the
 setting's ``NORM`` keys are applied on top.
 
-Each (setting, norm) is trained and timed in its own subprocess, one after the other (``--rounds`` > 1
-repeats the whole sequence and takes medians, for a noisy machine). The result is printed as
+Training is timed in one subprocess per setting that holds every norm's model (each with its own
+optimizer and state) and steps them in rotating order on the same batches, so that the ratios to
+BN are paired per step (``--rounds`` > 1 repeats this and pools the steps, for a noisy machine);
+memory needs a fresh subprocess per (setting, norm). The result is printed as
 Markdown tables and written to the ``benchmark_norms`` section of docs/BENCHMARKS.md
 (``--no-write`` to skip) with the command and the machine.
 
@@ -206,59 +208,101 @@ def calibrate_frozen_bn(model, batch) -> int:
     return len(handles)
 
 
-def child(args) -> dict:
-    """Build one (setting, norm) detector, train it for warm-up + measured steps, then time
-    inference (``--child-mode time``) or measure the peak step memory (``memory``)."""
+def _build_trainable(cfg, setting: str, first_batch):
+    """The detector of ``cfg`` (seed 0, so every norm gets the same conv weights), in training
+    mode, and its SGD optimizer. In ``1x`` the random frozen-BN backbone is calibrated on
+    ``first_batch``."""
+    import torch
+    import smallbn_d2
+    from detectron2.solver import build_optimizer
+
+    torch.manual_seed(0)
+    model = smallbn_d2.build_model(cfg)
+    if setting == "1x":
+        calibrate_frozen_bn(model, first_batch)
+    model.train()
+    return model, build_optimizer(cfg, model)
+
+
+def _train_step(model, optimizer, batch, iteration: int) -> bool:
+    """One training step (forward, backward, SGD step) at trainer iteration ``iteration``
+    (set on the norm layers, as NormIterationHook does). Returns whether the loss was finite."""
+    import torch
+    import smallbn_d2
+    from detectron2.utils.events import get_event_storage
+
+    get_event_storage().iter = iteration
+    smallbn_d2.set_norm_iteration(model, iteration)
+    loss_dict = model(batch)
+    losses = sum(loss_dict.values())
+    optimizer.zero_grad()
+    losses.backward()
+    optimizer.step()
+    return bool(torch.isfinite(losses))
+
+
+def _setup_child(args):
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.child_mode == "memory" and not memory_env_active():
-        raise SystemExit("memory children must run with MALLOC_MMAP_THRESHOLD_=65536 (see tools/bench_utils.py)")
-    import smallbn_d2
-    from detectron2.solver import build_optimizer
+    _register_floor_norm()
+
+
+def child_train(args) -> dict:
+    """Train every norm's detector of one setting in ONE process, interleaved step by step.
+
+    Each model has its own optimizer and norm state and sees the same batches; step i runs every
+    model once, in rotating order (no model always first), so that a change of the machine's
+    speed hits all norms alike: the ratio to BN is then taken per step (paired). Warm-up steps
+    (>= CBN's k - 1, so the window is full) are not timed. Returns the measured step times (s)
+    and the number of non-finite losses of each norm."""
     from detectron2.utils.events import EventStorage
 
-    _register_floor_norm()
+    _setup_child(args)
+    setting = args.child_setting
+    cfgs = {norm: make_cfg(args, setting, norm) for norm in args.norms}
+    batches = load_batches(next(iter(cfgs.values())), args.warmup + args.iters, is_train=True)
+    times = {norm: [] for norm in args.norms}
+    nonfinite = {norm: 0 for norm in args.norms}
+    with EventStorage(args.start_iter):
+        trainables = {norm: _build_trainable(cfg, setting, batches[0]) for norm, cfg in cfgs.items()}
+        norms = list(trainables)
+        for i, batch in enumerate(batches):
+            order = norms[i % len(norms):] + norms[:i % len(norms)]
+            for norm in order:
+                with Timer(args.clock) as tm:
+                    finite = _train_step(*trainables[norm], batch, args.start_iter + i)
+                nonfinite[norm] += not finite
+                if i >= args.warmup:
+                    times[norm].append(tm.s)
+    return {"setting": setting, "train_times": times, "nonfinite_losses": nonfinite}
+
+
+def child_memory(args) -> dict:
+    """Peak resident memory of training one (setting, norm) detector, in a fresh process run
+    with ``MALLOC_MMAP_THRESHOLD_=65536`` (see tools/bench_utils.py): the maximum over the
+    ``--memory-iters`` steps after the warm-up of the step's peak above the process's memory
+    before the model was built (bytes)."""
+    from bench_utils import _status_bytes
+    from detectron2.utils.events import EventStorage
+
+    if not memory_env_active():
+        raise SystemExit("memory children must run with MALLOC_MMAP_THRESHOLD_=65536 (see tools/bench_utils.py)")
+    _setup_child(args)
     setting, norm = args.child_setting, args.child_norm
     cfg = make_cfg(args, setting, norm)
-    steps = args.warmup + (args.iters if args.child_mode == "time" else args.memory_iters)
-    batches = load_batches(cfg, steps, is_train=True)
-    rss0 = None
-    if args.child_mode == "memory":
-        from bench_utils import _status_bytes
-
-        rss0 = _status_bytes("VmRSS")  # after imports and data, before the model
-    torch.manual_seed(0)
-    model = smallbn_d2.build_model(cfg)
-    if setting == "1x":
-        calibrate_frozen_bn(model, batches[0])
-    model.train()
-    optimizer = build_optimizer(cfg, model)
-    times, peaks, nonfinite = [], [], 0
-    with EventStorage(args.start_iter) as storage:
+    batches = load_batches(cfg, args.warmup + args.memory_iters, is_train=True)
+    rss0 = _status_bytes("VmRSS")  # after imports and data, before the model
+    peaks, nonfinite = [], 0
+    with EventStorage(args.start_iter):
+        model, optimizer = _build_trainable(cfg, setting, batches[0])
         for i, batch in enumerate(batches):
-            it = args.start_iter + i
-            storage.iter = it
-            smallbn_d2.set_norm_iteration(model, it)
-            measured = i >= args.warmup
-            with Timer(args.clock) as tm, (PeakRSS() if measured and rss0 is not None else _Null()) as pk:
-                loss_dict = model(batch)
-                losses = sum(loss_dict.values())
-                optimizer.zero_grad()
-                losses.backward()
-                optimizer.step()
-            if not torch.isfinite(losses):
-                nonfinite += 1
-            if measured:
-                times.append(tm.s)
-                if rss0 is not None:
-                    peaks.append(pk.start - rss0 + pk.peak)
-            del loss_dict, losses
-    out = {"setting": setting, "norm": norm, "train_times": times, "nonfinite_losses": nonfinite}
-    if args.child_mode == "memory":
-        out["peak_bytes"] = max(peaks)
-    return out
+            with (PeakRSS() if i >= args.warmup else _Null()) as pk:
+                nonfinite += not _train_step(model, optimizer, batch, args.start_iter + i)
+            if i >= args.warmup:
+                peaks.append(pk.start - rss0 + pk.peak)
+    return {"setting": setting, "norm": norm, "peak_bytes": max(peaks), "nonfinite_losses": nonfinite}
 
 
 def child_inference(args) -> dict:
@@ -272,13 +316,10 @@ def child_inference(args) -> dict:
     Per model: eval mode, and (except GN, which has no FrozenBN form) after
     ``convert_to_frozen_bn``. Returns the per-(image, repeat) times (s) of each model."""
     import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     import smallbn_d2
     from smallbn_d2.deploy import convert_to_frozen_bn
 
-    _register_floor_norm()
+    _setup_child(args)
     setting = args.child_setting
     models = {}
     images = None
@@ -355,6 +396,13 @@ def _fmt_s(v):
     return "n/a" if v is None or v != v else f"{v:.3f}"
 
 
+def _paired_ratio(rounds, bn_rounds):
+    """Median over (round, step) of a norm's step time over BN's time of the same step; None
+    without BN."""
+    ratios = [t / b for ts, bs in zip(rounds, bn_rounds) for t, b in zip(ts, bs)]
+    return median(ratios) if ratios else None
+
+
 def _inference_summary(times, norm):
     """Median s/image of ``norm`` in eval mode and converted, and the median over (image, repeat)
     of its time divided by BN's eval-mode time on the same image and repeat (paired ratios)."""
@@ -381,9 +429,10 @@ def build_report(args, results, mem, infer, load_before, load_after, started, fi
         f"Machine: {machine_description()}; load average (1/5/15 min) {load_before} at the start, {load_after} at the end; "
         f"run took {(finished - started) / 60:.0f} min.",
         "",
-        f"Images: shorter side {args.min_size} (longest <= {args.max_size}). Training: median of "
-        f"{args.iters} steps x {args.rounds} round(s) after {args.warmup} warm-up steps ({args.clock} clock), starting at "
-        f"iteration {args.start_iter}. Inference ({args.clock} clock): one process per setting holds every model, in eval "
+        f"Images: shorter side {args.min_size} (longest <= {args.max_size}). Training ({args.clock} clock): one process "
+        "per setting holds every model and steps them in rotating order on the same batches; s/iter is the median of "
+        f"{args.iters} steps x {args.rounds} round(s) after {args.warmup} warm-up steps, starting at iteration "
+        f"{args.start_iter}, and 'vs BN' the median of the paired per-step ratios to BN. Inference ({args.clock} clock): one process per setting holds every model, in eval "
         "mode and after `convert_to_frozen_bn`, built with the same seed, and runs them in rotating order on each of "
         f"{args.infer_images} val images x {args.infer_repeats} repeats; s/img is the median, 'vs BN eval' the median of "
         "the paired per-image ratios to BN in eval mode. Memory: peak resident memory during a training step "
@@ -401,6 +450,8 @@ def build_report(args, results, mem, infer, load_before, load_after, started, fi
                 continue
             a = {
                 "train": median([t for r in rs for t in r["train_times"]]) if rs else None,
+                "train_ratio": _paired_ratio([r["train_times"] for r in rs],
+                                             [r["train_times"] for r in results.get((setting, "BN"), [])]),
                 "mem": mem.get((setting, norm)),
                 "nonfinite": sum(r["nonfinite_losses"] for r in rs),
             }
@@ -411,7 +462,7 @@ def build_report(args, results, mem, infer, load_before, load_after, started, fi
             same = INFERENCE_SAME_AS.get(norm)
             rows.append([
                 norm,
-                _fmt_s(a["train"]), "n/a" if a["train"] is None or not base.get("train") else fmt_ratio(a["train"], base["train"]),
+                _fmt_s(a["train"]), "n/a" if a["train_ratio"] is None else f"{a['train_ratio']:.2f}x",
                 "n/a" if a["mem"] is None else f"{a['mem'] / 2**20:.0f}",
                 "n/a" if a["mem"] is None or base.get("mem") is None else fmt_ratio(a["mem"], base["mem"]),
                 _fmt_s(a["eval"]) + (f" (= {same})" if same and a["eval"] is not None else ""),
@@ -430,15 +481,15 @@ def build_report(args, results, mem, infer, load_before, load_after, started, fi
             for norm in ("CBN", "CBN-sub2", "MABN"):
                 if norm not in agg:
                     continue
-                t_r = agg[norm]["train"] / base["train"] if agg[norm]["train"] and base.get("train") else None
+                t_r = agg[norm]["train_ratio"]
                 tgt = TARGETS.get((setting, norm))
                 items = []
                 if t_r is not None:  # timed
                     item = f"training {t_r:.2f}x BN"
                     if tgt:
                         item += f" (target <= {tgt[0]:.2f}x: {'met' if t_r <= tgt[0] else 'NOT met'})"
-                    if "floor" in agg and norm == "CBN" and agg["floor"]["train"]:
-                        item += f"; floor (BN + d nu/d theta conv) {agg['floor']['train'] / base['train']:.2f}x"
+                    if "floor" in agg and norm == "CBN" and agg["floor"]["train_ratio"]:
+                        item += f"; floor (BN + d nu/d theta conv) {agg['floor']['train_ratio']:.2f}x"
                     items.append(item)
                 if agg[norm]["mem"] is not None and base.get("mem"):
                     m_r = agg[norm]["mem"] / base["mem"]
@@ -469,7 +520,7 @@ def main(argv=None):
     ap.add_argument("--min-size", type=int, default=512, help="shorter image side (train and test)")
     ap.add_argument("--max-size", type=int, default=853, help="longest image side (train and test)")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up steps (>= CBN window size - 1)")
-    ap.add_argument("--iters", type=int, default=5, help="measured training steps per round")
+    ap.add_argument("--iters", type=int, default=8, help="measured training steps per round")
     ap.add_argument("--memory-iters", type=int, default=1, help="measured steps in the memory subprocess")
     ap.add_argument("--rounds", type=int, default=1, help="repeat all timings this many times (noisy machines)")
     ap.add_argument("--infer-images", type=int, default=4, help="val images for the inference timing")
@@ -486,11 +537,12 @@ def main(argv=None):
     ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")
     ap.add_argument("--child-setting", help=argparse.SUPPRESS)
     ap.add_argument("--child-norm", help=argparse.SUPPRESS)
-    ap.add_argument("--child-mode", choices=("time", "memory", "infer"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-mode", choices=("train", "memory", "infer"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child_mode:
-        print(json.dumps(child_inference(args) if args.child_mode == "infer" else child(args)))
+        run = {"train": child_train, "memory": child_memory, "infer": child_inference}[args.child_mode]
+        print(json.dumps(run(args)))
         return
 
     started = time.time()
@@ -498,16 +550,18 @@ def main(argv=None):
     results, mem, errors = {}, {}, {}
     for r in range(0 if args.no_timing else args.rounds):
         for setting in args.settings:
+            try:
+                res = run_child(args, setting, "all", "train")
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                errors[(setting, "training")] = str(e).strip().splitlines()[-1][:200]
+                print(f"[round {r + 1}] {setting:10s} training FAILED: {e}", file=sys.stderr, flush=True)
+                continue
             for norm in args.norms:
-                try:
-                    res = run_child(args, setting, norm, "time")
-                except (RuntimeError, subprocess.TimeoutExpired) as e:
-                    errors[(setting, norm)] = str(e).strip().splitlines()[-1][:200]
-                    print(f"[round {r + 1}] {setting:10s} {norm:9s} FAILED: {e}", file=sys.stderr, flush=True)
-                    continue
-                results.setdefault((setting, norm), []).append(res)
-                print(f"[round {r + 1}] {setting:10s} {norm:9s} train {median(res['train_times']):.2f} s/iter"
-                      f" ({res['wall']:.0f}s)", file=sys.stderr, flush=True)
+                results.setdefault((setting, norm), []).append(
+                    {"train_times": res["train_times"][norm], "nonfinite_losses": res["nonfinite_losses"][norm]})
+            print(f"[round {r + 1}] {setting:10s} train " + ", ".join(
+                f"{n} {median(t):.2f}" for n, t in res["train_times"].items()) + f" s/iter ({res['wall']:.0f}s)",
+                file=sys.stderr, flush=True)
     infer = {}
     if not (args.no_inference or args.no_timing):
         for setting in args.settings:
@@ -524,8 +578,6 @@ def main(argv=None):
     if not args.no_memory:
         for setting in args.settings:
             for norm in args.norms:
-                if (setting, norm) in errors:
-                    continue
                 try:
                     res = run_child(args, setting, norm, "memory")
                 except (RuntimeError, subprocess.TimeoutExpired) as e:
