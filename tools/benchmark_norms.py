@@ -252,11 +252,14 @@ def _setup_child(args):
 def child_train(args) -> dict:
     """Train every norm's detector of one setting in ONE process, interleaved step by step.
 
-    Each model has its own optimizer and norm state and sees the same batches; step i runs every
-    model once, in rotating order (no model always first), so that a change of the machine's
-    speed hits all norms alike: the ratio to BN is then taken per step (paired). Warm-up steps
+    Each model has its own optimizer and norm state and sees the same batches and, reseeded before
+    every step, the same random draws (RPN anchor and RoI sampling: the mask head's cost follows
+    the number of sampled foreground RoIs); step i runs every model once, in rotating order (no
+    model always first), so that a change of the machine's speed hits all norms alike: the ratio
+    to BN is then taken per step (paired). Warm-up steps
     (>= CBN's k - 1, so the window is full) are not timed. Returns the measured step times (s)
     and the number of non-finite losses of each norm."""
+    import torch
     from detectron2.utils.events import EventStorage
 
     _setup_child(args)
@@ -271,6 +274,7 @@ def child_train(args) -> dict:
         for i, batch in enumerate(batches):
             order = norms[i % len(norms):] + norms[:i % len(norms)]
             for norm in order:
+                torch.manual_seed(args.start_iter + i)  # same anchor/RoI sampling draws for every model
                 with Timer(args.clock) as tm:
                     finite = _train_step(*trainables[norm], batch, args.start_iter + i)
                 nonfinite[norm] += not finite
@@ -284,6 +288,7 @@ def child_memory(args) -> dict:
     with ``MALLOC_MMAP_THRESHOLD_=65536`` (see tools/bench_utils.py): the maximum over the
     ``--memory-iters`` steps after the warm-up of the step's peak above the process's memory
     before the model was built (bytes)."""
+    import torch
     from bench_utils import _status_bytes
     from detectron2.utils.events import EventStorage
 
@@ -298,6 +303,7 @@ def child_memory(args) -> dict:
     with EventStorage(args.start_iter):
         model, optimizer = _build_trainable(cfg, setting, batches[0])
         for i, batch in enumerate(batches):
+            torch.manual_seed(args.start_iter + i)  # the draws of the training children
             with (PeakRSS() if i >= args.warmup else _Null()) as pk:
                 nonfinite += not _train_step(model, optimizer, batch, args.start_iter + i)
             if i >= args.warmup:
