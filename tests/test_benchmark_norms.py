@@ -45,7 +45,7 @@ def test_paired_ratios_are_per_step_not_ratios_of_medians():
 
 def test_smoke_run_writes_only_its_section(tmp_path):
     out = tmp_path / "BENCH.md"
-    out.write_text("# keep me\n\n<!-- BEGIN benchmark_norms -->\nold\n<!-- END benchmark_norms -->\n\ntail\n")
+    out.write_text("# keep me\n\n<!-- BEGIN benchmark_norms_1x -->\nold\n<!-- END benchmark_norms_1x -->\n<!-- BEGIN benchmark_norms_scratch_3x -->\nother\n<!-- END benchmark_norms_scratch_3x -->\n\ntail\n")
     cmd = [sys.executable, TOOL, "--config-file", TINY, "--norms", "BN", "CBN", "GN", "floor", "--settings", "1x",
            "--warmup", "3", "--iters", "1", "--infer-images", "1", "--infer-repeats", "1",
            "--min-size", "96", "--max-size", "128", "--out", str(out)]
@@ -53,6 +53,7 @@ def test_smoke_run_writes_only_its_section(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert text.startswith("# keep me\n") and text.endswith("\ntail\n") and "\nold\n" not in text
+    assert "\nother\n" in text  # the setting that did not run keeps its table
     rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| (BN|CBN|GN|floor) +\|.*$", text, re.M)}
     assert set(rows) == {"BN", "CBN", "GN", "floor"}
     cells = [c.strip() for c in rows["BN"].strip("|").split("|")]
@@ -60,4 +61,5 @@ def test_smoke_run_writes_only_its_section(tmp_path):
     assert "n/a (GN has no FrozenBN form)" in rows["GN"]
     assert "(= BN)" in rows["floor"]  # the floor row's inference is BN's by construction
     assert re.search(r"- 1x CBN: training [0-9.]+x BN \(target <= 1\.20x: (met|NOT met)\)", text)
-    assert "WARNING" not in text  # finite losses in every model
+    assert "WARNING" not in text  # finite losses in every model, the same number of detections
+    assert re.search(r"Every model returned \d+ detections", text)

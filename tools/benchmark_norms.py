@@ -46,8 +46,9 @@ Training is timed in one subprocess per setting that holds every norm's model (e
 optimizer and state) and steps them in rotating order on the same batches, so that the ratios to
 BN are paired per step (``--rounds`` > 1 repeats this and pools the steps, for a noisy machine);
 memory needs a fresh subprocess per (setting, norm). The result is printed as
-Markdown tables and written to the ``benchmark_norms`` section of docs/BENCHMARKS.md
-(``--no-write`` to skip) with the command and the machine.
+Markdown tables and written, one section per setting (``benchmark_norms_1x``,
+``benchmark_norms_scratch_3x``: a run of one setting keeps the other's table), to
+docs/BENCHMARKS.md (``--no-write`` to skip) with the command and the machine.
 
 Run from the repository root: ``python tools/benchmark_norms.py`` (see docs/BENCHMARKS.md for
 the expected runtime).
@@ -320,32 +321,44 @@ def child_inference(args) -> dict:
     rotating order (each (image, repeat) runs every model once), which cancels the drift of a
     shared machine between separate processes (several percent, larger than the 2% target).
     Per model: eval mode, and (except GN, which has no FrozenBN form) after
-    ``convert_to_frozen_bn``. Returns the per-(image, repeat) times (s) of each model."""
+    ``convert_to_frozen_bn``. The cost does depend on the number of detections (the mask head
+    runs on each), so the population statistics are first computed from two batches (as
+    PreciseBN does) and the number of detections on the first image is returned for each model.
+    Returns the per-(image, repeat) times (s) and those detection counts of each model."""
     import torch
     import smallbn_d2
     from smallbn_d2.deploy import convert_to_frozen_bn
+    from smallbn_d2.engine import update_norm_stats
 
     _setup_child(args)
     setting = args.child_setting
     models = {}
-    images = None
+    images = stats_batches = None
     for norm in [n for n in args.norms if n not in INFERENCE_SAME_AS]:
         cfg = make_cfg(args, setting, norm)
         if images is None:
             images = load_batches(cfg, args.infer_images, is_train=False)
+        if stats_batches is None:
+            stats_batches = load_batches(cfg, 2, is_train=True)
         torch.manual_seed(0)
         model = smallbn_d2.build_model(cfg)
         if setting == "1x":
-            calibrate_frozen_bn(model, load_batches(cfg, 1, is_train=True)[0])
+            calibrate_frozen_bn(model, stats_batches[0])
+        # population statistics from data (PreciseBN), as a trained model has them: with the
+        # initial ones (mean 0, variance 1) a random model's activations overflow, its boxes are
+        # not finite, Detectron2 drops them and the mask head runs on nothing
+        model.train()
+        update_norm_stats(model, stats_batches, num_iters=len(stats_batches))
         model.eval()
         models[(norm, "eval")] = model
         if norm != "GN":
             models[(norm, "converted")] = convert_to_frozen_bn(copy.deepcopy(model), fold=False).eval()
     keys = list(models)
     times = {k: [] for k in keys}
+    detections = {}
     with torch.no_grad():
         for k in keys:  # one untimed image per model
-            models[k]([images[0]])
+            detections[k] = len(models[k]([images[0]])[0]["instances"])
         step = 0
         for _ in range(args.infer_repeats):
             for img in images:
@@ -355,7 +368,8 @@ def child_inference(args) -> dict:
                     with Timer(args.clock) as tm:
                         models[k]([img])
                     times[k].append(tm.s)
-    return {"setting": setting, "times": {f"{n}|{kind}": ts for (n, kind), ts in times.items()}}
+    return {"setting": setting, "times": {f"{n}|{kind}": ts for (n, kind), ts in times.items()},
+            "detections": {f"{n}|{kind}": d for (n, kind), d in detections.items()}}
 
 
 class _Null:
@@ -425,9 +439,13 @@ def _inference_summary(times, norm):
     return out
 
 
-def build_report(args, results, mem, infer, load_before, load_after, started, finished) -> str:
+def build_report(args, setting, results, mem, infer, load_before, load_after, started, finished) -> str:
+    """The Markdown report of one setting: header (command, machine, method), table, summary."""
+    title = {"1x": "`1x`: frozen-BN backbone, norm in FPN, box and mask heads",
+             "scratch_3x": "`scratch_3x`: norm everywhere (backbone, FPN, heads)"}.get(setting, setting)
     parts = [
-        f"### Detector level: {'Mask R-CNN R50-FPN, 4conv1fc box head' if args.config_file is None else args.config_file}, "
+        f"### Detector level, {title}. "
+        f"{'Mask R-CNN R50-FPN, 4conv1fc box head' if args.config_file is None else args.config_file}, "
         f"{args.images} images per iteration, CPU",
         "",
         f"Command: `{command_line()}`",
@@ -446,9 +464,8 @@ def build_report(args, results, mem, infer, load_before, load_after, started, fi
         f"max over {args.memory_iters} steps after the warm-up, fresh subprocess per row.",
     ]
     summary = []
-    for setting in args.settings:
+    for setting in [setting]:
         rows = []
-        base = {}
         agg = {}
         for norm in args.norms:
             rs = results.get((setting, norm), [])
@@ -461,7 +478,7 @@ def build_report(args, results, mem, infer, load_before, load_after, started, fi
                 "mem": mem.get((setting, norm)),
                 "nonfinite": sum(r["nonfinite_losses"] for r in rs),
             }
-            a.update(_inference_summary(infer.get(setting), INFERENCE_SAME_AS.get(norm, norm)))
+            a.update(_inference_summary((infer.get(setting) or {}).get("times"), INFERENCE_SAME_AS.get(norm, norm)))
             agg[norm] = a
         base = agg.get("BN", {})
         for norm, a in agg.items():
@@ -478,9 +495,7 @@ def build_report(args, results, mem, infer, load_before, load_after, started, fi
             ])
             if a["nonfinite"]:
                 summary.append(f"- WARNING {setting}/{norm}: {a['nonfinite']} step(s) with non-finite loss.")
-        title = {"1x": "`1x`: frozen-BN backbone, norm in FPN, box and mask heads",
-                 "scratch_3x": "`scratch_3x`: norm everywhere (backbone, FPN, heads)"}.get(setting, setting)
-        parts += ["", f"#### {title}", "", markdown_table(
+        parts += ["", markdown_table(
             ["norm", "train s/iter", "vs BN", "peak memory MiB", "vs BN", "inference s/img (eval)", "vs BN eval",
              "converted s/img", "vs BN eval"], rows)]
         if "BN" in agg:
@@ -513,6 +528,13 @@ def build_report(args, results, mem, infer, load_before, load_after, started, fi
             if "GN" in agg and agg["GN"]["eval_ratio"] is not None:
                 summary.append(f"- {setting} GN: inference {agg['GN']['eval_ratio']:.2f}x BN eval "
                                "(the papers: about 1.7x on GPUs).")
+        counts = (infer.get(setting) or {}).get("detections") or {}
+        if len(set(counts.values())) > 1:
+            summary.append("- WARNING: the models returned different numbers of detections on the first image "
+                           f"({counts}); their inference times are not comparable.")
+        elif counts:
+            summary.append(f"- Every model returned {next(iter(counts.values()))} detections on the first image "
+                           "(inference cost grows with the detections: the mask head runs on each).")
     parts += [""] + summary
     return "\n".join(parts)
 
@@ -577,7 +599,7 @@ def main(argv=None):
                 errors[(setting, "inference")] = str(e).strip().splitlines()[-1][:200]
                 print(f"[inference] {setting:10s} FAILED: {e}", file=sys.stderr, flush=True)
                 continue
-            infer[setting] = res["times"]
+            infer[setting] = res
             print(f"[inference] {setting:10s} " + ", ".join(
                 f"{k} {median(v):.2f}" for k, v in res["times"].items()) + f" s/img ({res['wall']:.0f}s)",
                 file=sys.stderr, flush=True)
@@ -592,13 +614,16 @@ def main(argv=None):
                 mem[(setting, norm)] = res["peak_bytes"]
                 print(f"[memory] {setting:10s} {norm:9s} {res['peak_bytes'] / 2**20:.0f} MiB ({res['wall']:.0f}s)",
                       file=sys.stderr, flush=True)
-    report = build_report(args, results, mem, infer, load_before, load_average(), started, time.time())
-    if errors:
-        report += "\n\nFailed rows: " + "; ".join(f"{s}/{n}: {e}" for (s, n), e in errors.items())
-    print(report)
-    if not args.no_write:
-        write_doc_section(args.out, SECTION, report)
-        print(f"\nwrote section {SECTION!r} of {args.out}", file=sys.stderr)
+    finished, load_after = time.time(), load_average()
+    for setting in args.settings:
+        report = build_report(args, setting, results, mem, infer, load_before, load_after, started, finished)
+        failed = {k: e for k, e in errors.items() if k[0] == setting}
+        if failed:
+            report += "\n\nFailed: " + "; ".join(f"{s}/{n}: {e}" for (s, n), e in failed.items())
+        print(report + "\n")
+        if not args.no_write:
+            write_doc_section(args.out, f"{SECTION}_{setting}", report)
+            print(f"wrote section '{SECTION}_{setting}' of {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
