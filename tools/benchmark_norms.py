@@ -397,6 +397,17 @@ def run_child(args, setting: str, norm: str, mode: str) -> dict:
     return res
 
 
+def _run_or_record(args, setting: str, norm: str, mode: str, label: str, errors: dict):
+    """:func:`run_child`, or None after recording its failure under ``(setting, label)`` in
+    ``errors`` (listed under the setting's table) and printing it."""
+    try:
+        return run_child(args, setting, norm, mode)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        errors[(setting, label)] = str(e).strip().splitlines()[-1][:200]
+        print(f"[{label}] {setting:10s} FAILED: {e}", file=sys.stderr, flush=True)
+        return None
+
+
 def _passthrough(args):
     out = ["--warmup", str(args.warmup), "--iters", str(args.iters), "--memory-iters", str(args.memory_iters),
            "--min-size", str(args.min_size), "--max-size", str(args.max_size), "--images", str(args.images),
@@ -578,11 +589,8 @@ def main(argv=None):
     results, mem, errors = {}, {}, {}
     for r in range(0 if args.no_timing else args.rounds):
         for setting in args.settings:
-            try:
-                res = run_child(args, setting, "all", "train")
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                errors[(setting, "training")] = str(e).strip().splitlines()[-1][:200]
-                print(f"[round {r + 1}] {setting:10s} training FAILED: {e}", file=sys.stderr, flush=True)
+            res = _run_or_record(args, setting, "all", "train", f"round {r + 1} training", errors)
+            if res is None:
                 continue
             for norm in args.norms:
                 results.setdefault((setting, norm), []).append(
@@ -593,11 +601,8 @@ def main(argv=None):
     infer = {}
     if not (args.no_inference or args.no_timing):
         for setting in args.settings:
-            try:
-                res = run_child(args, setting, "all", "infer")
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                errors[(setting, "inference")] = str(e).strip().splitlines()[-1][:200]
-                print(f"[inference] {setting:10s} FAILED: {e}", file=sys.stderr, flush=True)
+            res = _run_or_record(args, setting, "all", "infer", "inference", errors)
+            if res is None:
                 continue
             infer[setting] = res
             print(f"[inference] {setting:10s} " + ", ".join(
@@ -606,10 +611,8 @@ def main(argv=None):
     if not args.no_memory:
         for setting in args.settings:
             for norm in args.norms:
-                try:
-                    res = run_child(args, setting, norm, "memory")
-                except (RuntimeError, subprocess.TimeoutExpired) as e:
-                    print(f"[memory] {setting:10s} {norm:9s} FAILED: {e}", file=sys.stderr, flush=True)
+                res = _run_or_record(args, setting, norm, "memory", f"memory {norm}", errors)
+                if res is None:
                     continue
                 mem[(setting, norm)] = res["peak_bytes"]
                 print(f"[memory] {setting:10s} {norm:9s} {res['peak_bytes'] / 2**20:.0f} MiB ({res['wall']:.0f}s)",
