@@ -209,20 +209,33 @@ def calibrate_frozen_bn(model, batch) -> int:
     return len(handles)
 
 
-def _build_trainable(cfg, setting: str, first_batch):
-    """The detector of ``cfg`` (seed 0, so every norm gets the same conv weights), in training
-    mode, and its SGD optimizer. In ``1x`` the random frozen-BN backbone is calibrated on
-    ``first_batch``."""
+def _build_model(cfg, setting: str, first_batch):
+    """The detector of ``cfg`` in training mode, built with seed 0 so that every norm gets the
+    same conv weights. In ``1x`` the random frozen-BN backbone is calibrated on ``first_batch``."""
     import torch
     import smallbn_d2
-    from detectron2.solver import build_optimizer
 
     torch.manual_seed(0)
     model = smallbn_d2.build_model(cfg)
     if setting == "1x":
         calibrate_frozen_bn(model, first_batch)
     model.train()
+    return model
+
+
+def _build_trainable(cfg, setting: str, first_batch):
+    """:func:`_build_model` and its SGD optimizer."""
+    from detectron2.solver import build_optimizer
+
+    model = _build_model(cfg, setting, first_batch)
     return model, build_optimizer(cfg, model)
+
+
+def _rotated(items: list, k: int) -> list:
+    """``items`` rotated left by ``k`` (mod its length): the k-th round's order, so that no item
+    always runs first."""
+    k %= len(items)
+    return items[k:] + items[:k]
 
 
 def _train_step(model, optimizer, batch, iteration: int) -> bool:
@@ -273,8 +286,7 @@ def child_train(args) -> dict:
         trainables = {norm: _build_trainable(cfg, setting, batches[0]) for norm, cfg in cfgs.items()}
         norms = list(trainables)
         for i, batch in enumerate(batches):
-            order = norms[i % len(norms):] + norms[:i % len(norms)]
-            for norm in order:
+            for norm in _rotated(norms, i):
                 torch.manual_seed(args.start_iter + i)  # same anchor/RoI sampling draws for every model
                 with Timer(args.clock) as tm:
                     finite = _train_step(*trainables[norm], batch, args.start_iter + i)
@@ -326,7 +338,6 @@ def child_inference(args) -> dict:
     PreciseBN does) and the number of detections on the first image is returned for each model.
     Returns the per-(image, repeat) times (s) and those detection counts of each model."""
     import torch
-    import smallbn_d2
     from smallbn_d2.deploy import convert_to_frozen_bn
     from smallbn_d2.engine import update_norm_stats
 
@@ -340,14 +351,10 @@ def child_inference(args) -> dict:
             images = load_batches(cfg, args.infer_images, is_train=False)
         if stats_batches is None:
             stats_batches = load_batches(cfg, 2, is_train=True)
-        torch.manual_seed(0)
-        model = smallbn_d2.build_model(cfg)
-        if setting == "1x":
-            calibrate_frozen_bn(model, stats_batches[0])
+        model = _build_model(cfg, setting, stats_batches[0])
         # population statistics from data (PreciseBN), as a trained model has them: with the
         # initial ones (mean 0, variance 1) a random model's activations overflow, its boxes are
         # not finite, Detectron2 drops them and the mask head runs on nothing
-        model.train()
         update_norm_stats(model, stats_batches, num_iters=len(stats_batches))
         model.eval()
         models[(norm, "eval")] = model
@@ -362,7 +369,7 @@ def child_inference(args) -> dict:
         step = 0
         for _ in range(args.infer_repeats):
             for img in images:
-                order = keys[step % len(keys):] + keys[:step % len(keys)]  # rotate: no model always first
+                order = _rotated(keys, step)
                 step += 1
                 for k in order:
                     with Timer(args.clock) as tm:
@@ -475,77 +482,76 @@ def build_report(args, setting, results, mem, infer, load_before, load_after, st
         f"max over {args.memory_iters} steps after the warm-up, fresh subprocess per row.",
     ]
     summary = []
-    for setting in [setting]:
-        rows = []
-        agg = {}
-        for norm in args.norms:
-            rs = results.get((setting, norm), [])
-            if not rs and (setting, norm) not in mem and setting not in infer:
+    rows = []
+    agg = {}
+    for norm in args.norms:
+        rs = results.get((setting, norm), [])
+        if not rs and (setting, norm) not in mem and setting not in infer:
+            continue
+        a = {
+            "train": median([t for r in rs for t in r["train_times"]]) if rs else None,
+            "train_ratio": _paired_ratio([r["train_times"] for r in rs],
+                                         [r["train_times"] for r in results.get((setting, "BN"), [])]),
+            "mem": mem.get((setting, norm)),
+            "nonfinite": sum(r["nonfinite_losses"] for r in rs),
+        }
+        a.update(_inference_summary((infer.get(setting) or {}).get("times"), INFERENCE_SAME_AS.get(norm, norm)))
+        agg[norm] = a
+    base = agg.get("BN", {})
+    for norm, a in agg.items():
+        same = INFERENCE_SAME_AS.get(norm)
+        rows.append([
+            norm,
+            _fmt_s(a["train"]), "n/a" if a["train_ratio"] is None else f"{a['train_ratio']:.2f}x",
+            "n/a" if a["mem"] is None else f"{a['mem'] / 2**20:.0f}",
+            "n/a" if a["mem"] is None or base.get("mem") is None else fmt_ratio(a["mem"], base["mem"]),
+            _fmt_s(a["eval"]) + (f" (= {same})" if same and a["eval"] is not None else ""),
+            "n/a" if a["eval_ratio"] is None else f"{a['eval_ratio']:.3f}x",
+            (_fmt_s(a["conv"]) + (f" (= {same})" if same else "")) if a["conv"] is not None else "n/a (GN has no FrozenBN form)" if norm == "GN" else "n/a",
+            "n/a" if a["conv_ratio"] is None else f"{a['conv_ratio']:.3f}x",
+        ])
+        if a["nonfinite"]:
+            summary.append(f"- WARNING {setting}/{norm}: {a['nonfinite']} step(s) with non-finite loss.")
+    parts += ["", markdown_table(
+        ["norm", "train s/iter", "vs BN", "peak memory MiB", "vs BN", "inference s/img (eval)", "vs BN eval",
+         "converted s/img", "vs BN eval"], rows)]
+    if "BN" in agg:
+        for norm in ("CBN", "CBN-sub2", "MABN"):
+            if norm not in agg:
                 continue
-            a = {
-                "train": median([t for r in rs for t in r["train_times"]]) if rs else None,
-                "train_ratio": _paired_ratio([r["train_times"] for r in rs],
-                                             [r["train_times"] for r in results.get((setting, "BN"), [])]),
-                "mem": mem.get((setting, norm)),
-                "nonfinite": sum(r["nonfinite_losses"] for r in rs),
-            }
-            a.update(_inference_summary((infer.get(setting) or {}).get("times"), INFERENCE_SAME_AS.get(norm, norm)))
-            agg[norm] = a
-        base = agg.get("BN", {})
-        for norm, a in agg.items():
-            same = INFERENCE_SAME_AS.get(norm)
-            rows.append([
-                norm,
-                _fmt_s(a["train"]), "n/a" if a["train_ratio"] is None else f"{a['train_ratio']:.2f}x",
-                "n/a" if a["mem"] is None else f"{a['mem'] / 2**20:.0f}",
-                "n/a" if a["mem"] is None or base.get("mem") is None else fmt_ratio(a["mem"], base["mem"]),
-                _fmt_s(a["eval"]) + (f" (= {same})" if same and a["eval"] is not None else ""),
-                "n/a" if a["eval_ratio"] is None else f"{a['eval_ratio']:.3f}x",
-                (_fmt_s(a["conv"]) + (f" (= {same})" if same else "")) if a["conv"] is not None else "n/a (GN has no FrozenBN form)" if norm == "GN" else "n/a",
-                "n/a" if a["conv_ratio"] is None else f"{a['conv_ratio']:.3f}x",
-            ])
-            if a["nonfinite"]:
-                summary.append(f"- WARNING {setting}/{norm}: {a['nonfinite']} step(s) with non-finite loss.")
-        parts += ["", markdown_table(
-            ["norm", "train s/iter", "vs BN", "peak memory MiB", "vs BN", "inference s/img (eval)", "vs BN eval",
-             "converted s/img", "vs BN eval"], rows)]
-        if "BN" in agg:
-            for norm in ("CBN", "CBN-sub2", "MABN"):
-                if norm not in agg:
-                    continue
-                t_r = agg[norm]["train_ratio"]
-                tgt = TARGETS.get((setting, norm))
-                items = []
-                if t_r is not None:  # timed
-                    item = f"training {t_r:.2f}x BN"
-                    if tgt:
-                        item += f" (target <= {tgt[0]:.2f}x: {'met' if t_r <= tgt[0] else 'NOT met'})"
-                    if "floor" in agg and norm == "CBN" and agg["floor"]["train_ratio"]:
-                        item += f"; floor (BN + d nu/d theta conv) {agg['floor']['train_ratio']:.2f}x"
-                    items.append(item)
-                if agg[norm]["mem"] is not None and base.get("mem"):
-                    m_r = agg[norm]["mem"] / base["mem"]
-                    item = f"memory {m_r:.2f}x"
-                    if tgt:
-                        item += f" (target <= {tgt[1]:.2f}x: {'met' if m_r <= tgt[1] else 'NOT met'})"
-                    items.append(item)
-                if agg[norm]["conv_ratio"] is not None and norm not in INFERENCE_SAME_AS:
-                    c_r = agg[norm]["conv_ratio"]
-                    items.append(f"converted inference {c_r:.3f}x BN eval (target within {CONVERTED_TOLERANCE:.0%}: "
-                                 f"{'met' if abs(c_r - 1) <= CONVERTED_TOLERANCE else 'NOT met'}; converted BN "
-                                 f"{agg['BN']['conv_ratio']:.3f}x)")
-                line = f"- {setting} {norm}: " + ", ".join(items)
-                summary.append(line + ".")
-            if "GN" in agg and agg["GN"]["eval_ratio"] is not None:
-                summary.append(f"- {setting} GN: inference {agg['GN']['eval_ratio']:.2f}x BN eval "
-                               "(the papers: about 1.7x on GPUs).")
-        counts = (infer.get(setting) or {}).get("detections") or {}
-        if len(set(counts.values())) > 1:
-            summary.append("- WARNING: the models returned different numbers of detections on the first image "
-                           f"({counts}); their inference times are not comparable.")
-        elif counts:
-            summary.append(f"- Every model returned {next(iter(counts.values()))} detections on the first image "
-                           "(inference cost grows with the detections: the mask head runs on each).")
+            t_r = agg[norm]["train_ratio"]
+            tgt = TARGETS.get((setting, norm))
+            items = []
+            if t_r is not None:  # timed
+                item = f"training {t_r:.2f}x BN"
+                if tgt:
+                    item += f" (target <= {tgt[0]:.2f}x: {'met' if t_r <= tgt[0] else 'NOT met'})"
+                if "floor" in agg and norm == "CBN" and agg["floor"]["train_ratio"]:
+                    item += f"; floor (BN + d nu/d theta conv) {agg['floor']['train_ratio']:.2f}x"
+                items.append(item)
+            if agg[norm]["mem"] is not None and base.get("mem"):
+                m_r = agg[norm]["mem"] / base["mem"]
+                item = f"memory {m_r:.2f}x"
+                if tgt:
+                    item += f" (target <= {tgt[1]:.2f}x: {'met' if m_r <= tgt[1] else 'NOT met'})"
+                items.append(item)
+            if agg[norm]["conv_ratio"] is not None and norm not in INFERENCE_SAME_AS:
+                c_r = agg[norm]["conv_ratio"]
+                items.append(f"converted inference {c_r:.3f}x BN eval (target within {CONVERTED_TOLERANCE:.0%}: "
+                             f"{'met' if abs(c_r - 1) <= CONVERTED_TOLERANCE else 'NOT met'}; converted BN "
+                             f"{agg['BN']['conv_ratio']:.3f}x)")
+            line = f"- {setting} {norm}: " + ", ".join(items)
+            summary.append(line + ".")
+        if "GN" in agg and agg["GN"]["eval_ratio"] is not None:
+            summary.append(f"- {setting} GN: inference {agg['GN']['eval_ratio']:.2f}x BN eval "
+                           "(the papers: about 1.7x on GPUs).")
+    counts = (infer.get(setting) or {}).get("detections") or {}
+    if len(set(counts.values())) > 1:
+        summary.append("- WARNING: the models returned different numbers of detections on the first image "
+                       f"({counts}); their inference times are not comparable.")
+    elif counts:
+        summary.append(f"- Every model returned {next(iter(counts.values()))} detections on the first image "
+                       "(inference cost grows with the detections: the mask head runs on each).")
     parts += [""] + summary
     return "\n".join(parts)
 
