@@ -1,26 +1,24 @@
 """smallbn_d2: Cross-Iteration BN (CBN) and Moving Average BN (MABN) for Detectron2.
 
-``import smallbn_d2`` is all it takes to use ``NORM: "CBN"``, ``"NaiveCBN"`` or ``"MABN"`` in a
-Detectron2 config. On import it
+``import smallbn_d2`` makes ``NORM: "CBN"``, ``"NaiveCBN"`` and ``"MABN"`` usable in any
+Detectron2 config. Its one side effect: Detectron2's ``get_norm`` learns these names
+(:mod:`smallbn_d2.modeling.norms`, the single place where smallbn_d2 extends Detectron2).
 
-1. applies the Detectron2 v0.6 compatibility fixes (:mod:`smallbn_d2.compat`);
-2. sets the default datasets root (:mod:`smallbn_d2.data.paths`) before Detectron2's builtin
-   datasets are registered;
-3. registers the norm names in Detectron2's ``get_norm`` (:mod:`smallbn_d2.modeling.norms`).
-
-Build models with :func:`smallbn_d2.build_model` (or call :func:`prepare_norms` on a model built
-by Detectron2) and train with :class:`smallbn_d2.engine.Trainer`, whose hook tells the layers the
-trainer iteration.
+Build models with :func:`smallbn_d2.build_model` (the config's hyperparameters in force while
+Detectron2 builds the model, then each layer wired to its producing conv) and train with
+:class:`smallbn_d2.engine.Trainer`, whose hook tells the layers the trainer iteration.
 """
 from . import compat as _compat
 
-_compat.install()
+_compat.install()  # TEMPORARY: until the installed environment carries the v0.6 fixes
 
-from .data.paths import apply_default_datasets_root as _apply_default_datasets_root  # noqa: E402
-
-_apply_default_datasets_root()
-
-from .config import ConfigValueError, add_smallbn_config, validate_smallbn_config  # noqa: E402
+from .config import (  # noqa: E402
+    ConfigValueError,
+    MissingConfigError,
+    add_smallbn_config,
+    resolve_burn_in,
+    validate_smallbn_config,
+)
 from .layers import (  # noqa: E402
     CrossIterationBatchNorm2d,
     MovingAverageBatchNorm2d,
@@ -28,7 +26,9 @@ from .layers import (  # noqa: E402
     NormNotWiredError,
 )
 from .modeling import (  # noqa: E402
+    NormFamily,
     build_model,
+    norm_hyperparameters,
     prepare_norms,
     register_norm,
     set_norm_iteration,
@@ -38,22 +38,21 @@ from .modeling import norms as _norms  # noqa: E402
 from .deploy import convert_to_frozen_bn  # noqa: E402
 
 _norms.install()
-_compat.fix_retinanet_norm_probe()  # after the datasets root: it imports detectron2.modeling
-if "CBN" not in _norms.NORM_REGISTRY:
-    register_norm("CBN", CrossIterationBatchNorm2d)
-    register_norm("NaiveCBN", NaiveCrossIterationBatchNorm2d)
-    register_norm("MABN", MovingAverageBatchNorm2d)
 
 __version__ = "0.1.0"
 __all__ = [
     "add_smallbn_config",
     "validate_smallbn_config",
+    "resolve_burn_in",
     "ConfigValueError",
+    "MissingConfigError",
     "CrossIterationBatchNorm2d",
     "NaiveCrossIterationBatchNorm2d",
     "MovingAverageBatchNorm2d",
     "NormNotWiredError",
+    "NormFamily",
     "build_model",
+    "norm_hyperparameters",
     "prepare_norms",
     "register_norm",
     "set_norm_iteration",

@@ -2,22 +2,23 @@
 
 Two things Detectron2's ``DetectionCheckpointer`` does not do for the cross-iteration norms:
 
-1. **Loading across norms** (issue 7, item 6). A checkpoint trained with ``BN``, ``SyncBN``,
+1. **Loading across norms**. A checkpoint trained with ``BN``, ``SyncBN``,
    ``FrozenBN`` (or ``CBN``) loads into a model of the same architecture whose norms are CBN or
    MABN. Per CBN/MABN layer at ``prefix``:
 
    * affine parameters ``prefix.weight``/``prefix.bias`` (gamma, beta, shape (C,)) load under
      their own names (BN, SyncBN, FrozenBN and CBN/MABN use the same names);
-   * population statistics: CBN's ``running_mean``/``running_var`` (C,) are BN's, loaded as
+   * population statistics: each layer says how BN statistics map onto its own
+     (``IterationNormBase.population_state`` with E[x] = running_mean and E[x^2] = running_var +
+     running_mean^2, in float64): CBN's ``running_mean``/``running_var`` (C,) are BN's, loaded as
      they are; MABN's ``running_chi2`` (C,), its population estimate of E[x^2] (METHODS.md MABN
-     items 1, 3, 6), is set to ``running_var + running_mean ** 2`` (E[x^2] = Var[x] + E[x]^2,
-     computed in float64);
+     items 1, 3, 6), becomes ``running_var + running_mean ** 2``;
    * RetinaNet's head keeps one CBN/MABN per FPN level (``prefix = head...N.<level>``, inside
      Detectron2's ``CycleBatchNormList``); a checkpoint with a single norm there (FrozenBN, which
      Detectron2 does not make per level) gives its statistics to every level;
-   * the cross-iteration state the checkpoint cannot have (CBN's ``window_*`` buffers and
-     ``num_batches_tracked``; MABN's ``chi2_buffer``, ``psi_buffer``, ``chi2_iters``,
-     ``psi_iters``) is set to the values of a freshly built layer (zeros; tags -1 = empty
+   * the cross-iteration state the checkpoint cannot have (the layer's
+     ``cross_iteration_state_keys``: CBN's ``window_*`` buffers and ``num_batches_tracked``;
+     MABN's ``chi2_buffer``, ``psi_buffer``, ``chi2_iters``, ``psi_iters``) is set to the values of a freshly built layer (zeros; tags -1 = empty
      slot), so the layer starts its window / moving averages afresh;
    * entries of the source norm that the target does not have (BN's ``running_mean``/
      ``running_var``/``num_batches_tracked`` in an MABN model, CBN's window in an MABN model,
@@ -26,7 +27,7 @@ Two things Detectron2's ``DetectionCheckpointer`` does not do for the cross-iter
    The reverse (CBN/MABN -> BN/FrozenBN for deployment) is the conversion of the inference
    tools, not this module.
 
-2. **Clear shape errors** (issue 7, item 2). Detectron2 (fvcore) skips a checkpoint entry whose
+2. **Clear shape errors**. Detectron2 (fvcore) skips a checkpoint entry whose
    shape differs from the model's with a log warning, which for a CBN window trained with
    another window size k, or an MABN buffer of another buffer size m, would silently restart
    the cross-iteration state. Here every entry of a CBN/MABN layer whose shape differs raises
@@ -36,6 +37,11 @@ Two things Detectron2's ``DetectionCheckpointer`` does not do for the cross-iter
 :func:`convert_norm_state_dict` does both on a state dict; :class:`NormCheckpointer` is
 ``DetectionCheckpointer`` applying it on every load (used by :class:`smallbn_d2.engine.Trainer`
 and ``tools/train_net.py``). Saving is Detectron2's, unchanged.
+
+3. **Converted checkpoints** (inference models, :mod:`smallbn_d2.deploy`):
+   :func:`save_inference_checkpoint` writes one with its conversion metadata and no
+   ``last_checkpoint``; :func:`load_checkpoint_strict` loads any checkpoint and raises
+   :class:`IncompatibleCheckpointError` on missing, unexpected or mis-shaped keys.
 """
 from __future__ import annotations
 
@@ -50,15 +56,16 @@ from detectron2.layers import CycleBatchNormList
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from .layers import CrossIterationBatchNorm2d, IterationNormBase, MovingAverageBatchNorm2d
+from .layers import IterationNormBase
 
-__all__ = ["NormStateShapeError", "convert_norm_state_dict", "NormCheckpointer"]
+__all__ = ["NormStateShapeError", "convert_norm_state_dict", "NormCheckpointer", "IncompatibleCheckpointError",
+           "save_inference_checkpoint", "load_checkpoint_strict", "read_conversion_metadata", "METADATA_KEY"]
 
 logger = logging.getLogger(__name__)
 
 _BN_STATS = ("running_mean", "running_var")
-_CBN_STATE = ("window_", "num_batches_tracked")  # prefixes / names of CBN-only state
-_MABN_STATE = ("running_chi2", "chi2_buffer", "chi2_iters", "psi_buffer", "psi_iters")
+#: Key of the conversion metadata in checkpoints written by :func:`save_inference_checkpoint`.
+METADATA_KEY = "smallbn_d2_conversion"
 
 
 class NormStateShapeError(ValueError):
@@ -69,14 +76,9 @@ class NormStateShapeError(ValueError):
 
 
 def _shape_hint(layer: IterationNormBase, local: str, ckpt_shape: Tuple[int, ...]) -> str:
-    if isinstance(layer, CrossIterationBatchNorm2d) and local.startswith("window_") and ckpt_shape:
-        return (f"the checkpoint was trained with window size k = {ckpt_shape[0] + 1}, the model has "
-                f"k = {layer.window_size} (MODEL.CBN.WINDOW_SIZE); set MODEL.CBN.WINDOW_SIZE {ckpt_shape[0] + 1} "
-                "to resume it, or delete its window_* entries to start with an empty window")
-    if isinstance(layer, MovingAverageBatchNorm2d) and local in _MABN_STATE[1:] and ckpt_shape:
-        return (f"the checkpoint was trained with buffer size m = {ckpt_shape[0]}, the model has "
-                f"m = {layer.buffer_size} (MODEL.MABN.BUFFER_SIZE); set MODEL.MABN.BUFFER_SIZE {ckpt_shape[0]} "
-                "to resume it, or delete its chi2_*/psi_* entries to start the moving averages afresh")
+    hint = layer.state_shape_hint(local, ckpt_shape)
+    if hint is not None:
+        return hint
     return ("the layer's channel count or producing conv differs: the checkpoint is from another "
             "architecture (check MODEL.RESNETS/FPN/ROI_*_HEAD channel settings)")
 
@@ -152,28 +154,22 @@ def convert_norm_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Modul
             parent is not None and parent + s in sd for s in ("weight", "bias") + _BN_STATS)
         if not present:
             continue  # the checkpoint lacks this layer: fvcore reports its keys as missing
-        if isinstance(layer, MovingAverageBatchNorm2d):
-            if prefix + "running_chi2" not in sd and mean is not None and var is not None:
-                chi2 = var.double() + mean.double() ** 2
-                sd[prefix + "running_chi2"] = chi2.to(own["running_chi2"].dtype)
-                note("MABN running_chi2 = running_var + running_mean^2 from a BN-style checkpoint")
-            elif prefix + "running_chi2" not in sd:
-                logger.warning(f"{name}: the checkpoint has no running_chi2 nor running_mean/var; "
-                               "running_chi2 keeps its initial value (ones)")
-            for k in [k for k in sd if k.startswith(prefix) and k[len(prefix):] not in own]:
-                del sd[k]  # BN's running_mean/var/num_batches_tracked, CBN's window: consumed
-        else:  # CBN / Naive CBN
-            for s, v in (("running_mean", mean), ("running_var", var)):
-                if prefix + s not in sd and v is not None:
-                    sd[prefix + s] = v.clone()
-                    note("CBN population statistics copied from a single (not per-level) norm")
-            if mean is None and prefix + "running_chi2" in sd:
-                logger.warning(f"{name}: the checkpoint is MABN (running_chi2, no running_mean/var); "
-                               "the CBN population statistics keep their initial values")
-            for k in [k for k in sd if k.startswith(prefix) and k[len(prefix):] in _MABN_STATE]:
-                del sd[k]
-        fresh = [local for local in own if prefix + local not in sd
-                 and (local.startswith(_CBN_STATE) or local in _MABN_STATE[1:])]
+        population = layer.population_state_keys()
+        if not any(prefix + k in sd for k in population):
+            if mean is not None and var is not None:
+                m = mean.double()
+                for k, v in layer.population_state(m, var.double() + m * m).items():
+                    sd[prefix + k] = v
+                note(f"{type(layer).__name__} {'/'.join(population)} from BN statistics "
+                     "(running_mean, running_var)")
+            else:
+                logger.warning(f"{name}: the checkpoint has neither {'/'.join(population)} nor BN's "
+                               f"running_mean/var; the population statistics keep their initial values")
+        for k in [k for k in sd if k.startswith(prefix) and "." not in k[len(prefix):]
+                  and k[len(prefix):] not in own]:
+            del sd[k]  # another norm's state (BN's statistics, CBN's window, MABN's buffers): consumed
+        cross = layer.cross_iteration_state_keys()
+        fresh = [local for local in own if prefix + local not in sd and local in cross]
         for local in fresh:
             sd[prefix + local] = _fresh_value(local, own[local])
         if fresh:
@@ -201,9 +197,9 @@ class NormCheckpointer(DetectionCheckpointer):
         if checkpoint.get("matching_heuristics", False):
             targets = dict(self.model.state_dict())
             for name, layer in self.model.named_modules():
-                if isinstance(layer, MovingAverageBatchNorm2d):
-                    for s in _BN_STATS:
-                        targets.setdefault(f"{name}.{s}", layer.running_chi2)
+                if isinstance(layer, IterationNormBase) and "running_mean" not in layer.population_state_keys():
+                    for s in _BN_STATS:  # let BN statistics of a model-zoo file find MABN layers
+                        targets.setdefault(f"{name}.{s}", getattr(layer, layer.population_state_keys()[0]))
             state = align_and_update_state_dicts(
                 targets, state, c2_conversion=checkpoint.get("__author__", None) == "Caffe2")
             checkpoint["matching_heuristics"] = False
@@ -214,3 +210,64 @@ class NormCheckpointer(DetectionCheckpointer):
             self.logger.info(f"Loading across norms: {line}")
         checkpoint["model"] = state
         return super()._load_model(checkpoint)
+
+
+# ------------------------------------------------------------------------------ converted checkpoints
+class IncompatibleCheckpointError(RuntimeError):
+    """A checkpoint's keys do not match the model it is loaded into (missing or unexpected keys)."""
+
+
+def save_inference_checkpoint(model: nn.Module, path: str, fold: bool, overwrite: bool = False) -> None:
+    """Write ``model`` as a Detectron2 checkpoint (``{"model": state_dict, ...}``, loadable by
+    ``DetectionCheckpointer``) with the conversion metadata ``{"fold": fold}``.
+
+    Unlike ``DetectionCheckpointer.save`` it writes no ``last_checkpoint`` file, so converting
+    into a training output directory cannot redirect a later ``--resume``.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    from detectron2.utils.file_io import PathManager
+
+    if PathManager.exists(path) and not overwrite:
+        raise FileExistsError(f"{path!r} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
+    data = {"model": model.state_dict(), METADATA_KEY: {"fold": bool(fold)}}
+    with PathManager.open(path, "wb") as f:
+        torch.save(data, f)
+
+
+def read_conversion_metadata(path: str) -> Optional[Dict]:
+    """The conversion metadata of a checkpoint written by :func:`save_inference_checkpoint`
+    (``{"fold": bool}``), or None if it has none."""
+    return DetectionCheckpointer(nn.Module())._load_file(path).get(METADATA_KEY)
+
+
+def load_checkpoint_strict(model: nn.Module, path: str) -> Dict:
+    """Load a Detectron2 checkpoint into ``model`` with ``DetectionCheckpointer``, strictly.
+
+    Args:
+        model: the model.
+        path: a ``.pth``/``.pkl`` checkpoint (or any path Detectron2's PathManager resolves).
+    Returns:
+        the checkpoint's other entries (e.g. ``"iteration"``, the conversion metadata).
+    Raises:
+        IncompatibleCheckpointError: missing or unexpected keys, or entries of another shape
+            (Detectron2 only logs these).
+    """
+    checkpointer = DetectionCheckpointer(model)
+    checkpoint = checkpointer._load_file(path)
+    incompatible = checkpointer._load_model(checkpoint)
+    missing = list(getattr(incompatible, "missing_keys", []))
+    unexpected = list(getattr(incompatible, "unexpected_keys", []))
+    shapes = [k for k, *_ in getattr(incompatible, "incorrect_shapes", [])]
+    if missing or unexpected or shapes:
+        def show(keys):
+            return f"{keys[:8]}{' ...' if len(keys) > 8 else ''}"
+
+        raise IncompatibleCheckpointError(
+            f"{path!r} does not match the model: missing keys {show(missing)}, unexpected keys "
+            f"{show(unexpected)}, keys of another shape {show(shapes)}. Is it a checkpoint of a model of this "
+            "config (for a converted checkpoint: with the fold setting it was converted with)?"
+        )
+    checkpoint.pop("model", None)
+    return checkpoint

@@ -19,7 +19,9 @@ from helpers import REPO, coco_batches, train_steps
 from smallbn_d2 import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 from smallbn_d2.engine import load_config
 from smallbn_d2.engine.syncbn import warn_single_process_syncbn
-from smallbn_d2.modeling.wiring import cbn_burn_in_iters
+from smallbn_d2.config import cbn_burn_in_iters
+
+pytestmark = pytest.mark.integration
 
 NORMS = ("BN", "SyncBN", "GN", "CBN", "MABN")
 REGIMES = ("1x", "scratch_3x")

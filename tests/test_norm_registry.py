@@ -1,5 +1,6 @@
-"""Detectron2 integration: norm names in ``get_norm``, config validation, and model wiring
-(issue 3 items 1, 3, 5; issue 4 items 1, 3, 4)."""
+"""Detectron2 integration: norm names in ``get_norm``, config validation, layers built configured,
+and model wiring."""
+import functools
 import importlib
 
 import pytest
@@ -16,11 +17,14 @@ from smallbn_d2 import (
     NormNotWiredError,
     validate_smallbn_config,
 )
+from smallbn_d2.config import MissingConfigError, cbn_burn_in_iters, resolve_burn_in
 from smallbn_d2.layers import is_weight_centralized
-from smallbn_d2.modeling import cbn_burn_in_iters
+from smallbn_d2.modeling import NormFamily, detectron2_norm_names
 
 import detectron2.layers  # noqa: E402  (after smallbn_d2: compat fixes)
 from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d  # noqa: E402
+
+pytestmark = pytest.mark.integration
 
 OURS = {"CBN": CrossIterationBatchNorm2d, "NaiveCBN": NaiveCrossIterationBatchNorm2d,
         "MABN": MovingAverageBatchNorm2d}
@@ -74,8 +78,37 @@ def test_unknown_name_lists_every_supported_name():
 def test_register_norm_refuses_taken_names():
     for name in ("CBN", "MABN", "BN", "GN"):
         with pytest.raises(ValueError, match=name):
-            smallbn_d2.register_norm(name, lambda c: nn.BatchNorm2d(c))
+            smallbn_d2.register_norm(NormFamily(name, CrossIterationBatchNorm2d))
+    with pytest.raises(TypeError, match="NormFamily"):
+        smallbn_d2.register_norm(lambda c: nn.BatchNorm2d(c))
     assert type(detectron2.layers.get_norm("CBN", 4)) is CrossIterationBatchNorm2d  # unchanged
+
+
+def test_every_name_of_the_installed_detectron2_keeps_working():
+    """The names are read from the installed Detectron2 (v0.6: 7 names; main adds "LN"), not copied."""
+    from smallbn_d2.modeling import norms
+
+    original = norms._original_get_norm()
+    names = detectron2_norm_names()
+    assert {"BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N"} <= set(names)
+    assert not set(names) & {"CBN", "NaiveCBN", "MABN"}
+    for name in names:  # each is accepted by Detectron2's own function and served unchanged
+        ours = detectron2.layers.get_norm(name, 32)
+        assert type(ours) is type(original(name, 32)), name
+    with pytest.raises(KeyError):
+        original("NoSuchNorm", 32)  # and the original function really rejects other names
+    if hasattr(detectron2.layers, "LayerNorm"):  # Detectron2 main
+        assert "LN" in names and type(detectron2.layers.get_norm("LN", 32)) is detectron2.layers.LayerNorm
+    assert smallbn_d2.supported_norms() == list(names) + ["CBN", "NaiveCBN", "MABN"]
+
+
+def test_config_without_smallbn_keys_names_add_smallbn_config():
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.MODEL.FPN.NORM = "CBN"
+    with pytest.raises(MissingConfigError, match="add_smallbn_config"):
+        smallbn_d2.build_model(cfg)
 
 
 # ------------------------------------------------------------------------------ config validation
@@ -154,6 +187,8 @@ def test_burn_in_conversion():
 def test_burn_in_epochs_on_the_real_training_set():
     from detectron2.data import DatasetCatalog
 
+    from smallbn_d2.engine.trainer import training_set_size
+
     cfg = tiny_cfg("mask_rcnn", "BN")
     cfg.MODEL.CBN.BURN_IN_ITERS = None
     cfg.MODEL.CBN.BURN_IN_EPOCHS = 1.5
@@ -163,7 +198,52 @@ def test_burn_in_epochs_on_the_real_training_set():
     # Detectron2 drops images without a non-crowd annotation from training
     n = sum(1 for d in dicts if any(a.get("iscrowd", 0) == 0 for a in d["annotations"]))
     assert 0 < n <= len(dicts) == 80
-    assert cbn_burn_in_iters(cfg) == round(1.5 * n / 2)
+    assert cbn_burn_in_iters(cfg) is None  # epochs, and no data read here
+    assert training_set_size(cfg) == n
+    resolved = resolve_burn_in(cfg, n)
+    assert resolved.MODEL.CBN.BURN_IN_ITERS == round(1.5 * n / 2) and resolved.MODEL.CBN.BURN_IN_EPOCHS is None
+    assert cfg.MODEL.CBN.BURN_IN_EPOCHS == 1.5  # not modified
+
+
+def test_model_builds_without_data_and_burn_in_in_epochs_needs_resolving():
+    """Building never reads a dataset: DATASETS.TRAIN may name nothing registered. The burn-in in
+    epochs stays unknown until converted, and training then says how to convert it."""
+    cfg = tiny_cfg("mask_rcnn", "CBN", opts=["MODEL.CBN.BURN_IN_ITERS", None, "MODEL.CBN.BURN_IN_EPOCHS", 2.0,
+                                             "DATASETS.TRAIN", ("no_such_dataset_registered",)])
+    model = smallbn_d2.build_model(cfg)
+    layers = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    assert layers and all(layer.burn_in is None for layer in layers)
+    layer = layers[0]
+    layer.set_iteration(0)
+    model.train()
+    with pytest.raises(NormNotWiredError, match="BURN_IN_ITERS"):
+        layer(layer.conv(torch.randn(2, layer.conv.in_channels, 8, 8)))
+    resolved = resolve_burn_in(cfg, dataset_size=10)  # 2 epochs x 10 images / 2 per batch
+    model = smallbn_d2.build_model(resolved)
+    assert {m.burn_in for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)} == {10}
+
+
+def test_each_layer_is_constructed_once_with_its_hyperparameters(monkeypatch):
+    """No layer is built with defaults and reconfigured: every construction during the build has the
+    config's values, and every constructed layer ends up in the model."""
+    built = []
+    original = CrossIterationBatchNorm2d.__init__
+
+    @functools.wraps(original)
+    def counting_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(CrossIterationBatchNorm2d, "__init__", counting_init)
+    cfg = tiny_cfg("mask_rcnn", "CBN", opts=["MODEL.CBN.WINDOW_SIZE", 3, "MODEL.CBN.BURN_IN_ITERS", 4,
+                                             "MODEL.CBN.COMPENSATE_BIAS", False,
+                                             "MODEL.CBN.WINDOW_AFTER_BURN_IN", "grow"])
+    model = smallbn_d2.build_model(cfg)
+    in_model = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    assert len(built) == len(in_model) > 0 and {id(m) for m in built} == {id(m) for m in in_model}
+    assert all((m.window_size, m.burn_in, m.compensate_bias, m.window_after_burn_in) == (3, 4, False, "grow")
+               for m in built)
+    assert not hasattr(CrossIterationBatchNorm2d, "configure") and not hasattr(MovingAverageBatchNorm2d, "configure")
 
 
 # ------------------------------------------------------------------------------------ wiring
@@ -267,9 +347,10 @@ def test_mabn_warmups_and_weight_centralization(arch):
             continue
         assert is_weight_centralized(conv) == (id(conv) in feeding), name
         if id(conv) in feeding:
-            w = conv.weight  # the weight the conv uses
-            assert w.mean(dim=(1, 2, 3)).abs().max() < 1e-6, name
-            assert conv.parametrizations.weight.original.mean(dim=(1, 2, 3)).abs().max() > 1e-6, name
+            w = conv.weight  # the weight the conv uses: centered per output channel, nothing else
+            v = conv.parametrizations.weight.original
+            torch.testing.assert_close(w, v - v.mean(dim=(1, 2, 3), keepdim=True), rtol=0, atol=1e-6)
+            assert v.mean(dim=(1, 2, 3)).abs().max() > 1e-6, name
         else:
             n_plain += 1
     assert n_plain > 0  # e.g. the RPN conv and the predictors

@@ -25,9 +25,7 @@ import collections
 import os
 import sys
 
-import smallbn_d2  # noqa: F401  (first: compatibility fixes, datasets root, norm names)
-from detectron2.modeling import build_model as d2_build_model
-from smallbn_d2 import ConfigValueError
+from smallbn_d2 import ConfigValueError, build_model
 from smallbn_d2.deploy import (
     IncompatibleCheckpointError,
     convert_for_inference,
@@ -36,7 +34,6 @@ from smallbn_d2.deploy import (
     save_inference_checkpoint,
 )
 from smallbn_d2.engine import load_config
-from smallbn_d2.modeling import prepare_norms
 from tabulate import tabulate
 
 
@@ -79,8 +76,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config_file, args.opts)
         cfg.MODEL.DEVICE = "cpu"
-        model = d2_build_model(cfg)
-        prepare_norms(model, cfg, burn_in_iters=0)  # the burn-in does not matter for inference
+        model = build_model(cfg)  # reads no data: a burn-in in epochs stays unknown, unneeded here
         load_checkpoint_strict(model, args.weights)
     except (FileNotFoundError, ConfigValueError, IncompatibleCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -32,7 +32,7 @@ from detectron2.engine import HookBase
 from fvcore.nn.precise_bn import BN_MODULE_TYPES
 from torch import nn
 
-from ..layers import CrossIterationBatchNorm2d, IterationNormBase
+from ..layers import IterationNormBase
 
 __all__ = ["freeze_norm_statistics", "statistics_layers", "FreezeNormStatsHook"]
 
@@ -58,8 +58,9 @@ def freeze_norm_statistics(model: nn.Module) -> int:
     layers = statistics_layers(model)
     for layer in layers:
         layer.training = False
-        if isinstance(layer, CrossIterationBatchNorm2d) and layer.conv is not None:
-            layer.conv.training = False
+        if isinstance(layer, IterationNormBase):
+            for module in layer.mode_dependents():  # CBN's producing conv stops capturing its input
+                module.training = False
     return len(layers)
 
 

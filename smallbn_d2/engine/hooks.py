@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from detectron2.engine import HookBase
 
-from ..modeling.wiring import iteration_norms
+from ..modeling.wiring import set_norm_iteration
 
 __all__ = ["NormIterationHook"]
 
@@ -17,9 +17,5 @@ class NormIterationHook(HookBase):
     the one restored from the checkpoint. Put it first among the hooks.
     """
 
-    def before_train(self):
-        self._layers = [layer for _, layer in iteration_norms(self.trainer.model)]
-
     def before_step(self):
-        for layer in self._layers:
-            layer.set_iteration(self.trainer.iter)
+        set_norm_iteration(self.trainer.model, self.trainer.iter)

@@ -40,31 +40,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.config import CfgNode
 
-from ..config import ConfigValueError
+from ..config import ConfigValueError, norm_keys
 
-__all__ = ["launch", "create_ddp_model", "install_cpu_ddp", "check_cpu_distributed", "check_norm_names",
-           "CUDA_ONLY_NORMS"]
+__all__ = ["launch", "create_ddp_model", "install_cpu_ddp", "check_cpu_distributed", "check_norm_names"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
-
-#: Norm names whose layers need CUDA when several processes train (torch.nn.SyncBatchNorm).
-CUDA_ONLY_NORMS = ("SyncBN", "nnSyncBN")
-
-# Config keys that name a norm in Detectron2 v0.6's builtin models.
-_NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM",
-              "MODEL.RETINANET.NORM", "MODEL.SEM_SEG_HEAD.NORM")
-
-
-def _cfg_get(cfg: CfgNode, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, CfgNode) or part not in node:
-            return None
-        node = node[part]
-    return node
-
 
 def check_norm_names(cfg: CfgNode) -> None:
     """Check every norm key of ``cfg`` against the names ``get_norm`` accepts, before building.
@@ -73,17 +55,15 @@ def check_norm_names(cfg: CfgNode) -> None:
     key; this names the key.
 
     Raises:
-        ConfigValueError: a norm key (``MODEL.RESNETS.NORM``, ``MODEL.FPN.NORM``,
-            ``MODEL.ROI_BOX_HEAD.NORM``, ``MODEL.ROI_MASK_HEAD.NORM``, ``MODEL.RETINANET.NORM``,
-            ``MODEL.SEM_SEG_HEAD.NORM``) holds an unknown name; the message names the key, the
-            value and every supported name.
+        ConfigValueError: a norm key (any key called ``NORM``: ``MODEL.RESNETS.NORM``,
+            ``MODEL.FPN.NORM``, ``MODEL.ROI_BOX_HEAD.NORM``, ...) holds an unknown name; the message
+            names the key, the value and every supported name.
     """
     from ..modeling import supported_norms
 
     allowed = supported_norms()
-    for key in _NORM_KEYS:
-        value = _cfg_get(cfg, key)
-        if isinstance(value, str) and value and value not in allowed:
+    for key, value in norm_keys(cfg).items():
+        if value and value not in allowed:
             raise ConfigValueError(
                 f"{key} = {value!r} is invalid; allowed: {', '.join(repr(n) for n in allowed)}, or '' (no norm)")
 
@@ -99,11 +79,12 @@ def check_cpu_distributed(cfg: CfgNode, world_size: int) -> None:
             "SyncBN"/"nnSyncBN" (``torch.nn.SyncBatchNorm`` is CUDA-only); the message names the
             key and the CPU alternative "naiveSyncBN".
     """
+    from ..modeling.norms import cuda_only_norms
+
     if world_size <= 1 or not str(cfg.MODEL.DEVICE).startswith("cpu"):
         return
-    for key in _NORM_KEYS:
-        value = _cfg_get(cfg, key)
-        if value in CUDA_ONLY_NORMS:
+    for key, value in norm_keys(cfg).items():
+        if value in cuda_only_norms():
             raise ConfigValueError(
                 f"{key} = {value!r} is invalid with {world_size} CPU processes: torch.nn.SyncBatchNorm runs only "
                 "on CUDA; allowed on CPU: 'naiveSyncBN' (Detectron2's NaiveSyncBatchNorm, all-reduces with gloo), "

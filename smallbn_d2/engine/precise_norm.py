@@ -46,7 +46,7 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
 from torch import nn
 
-from ..layers import CrossIterationBatchNorm2d, IterationNormBase, MovingAverageBatchNorm2d
+from ..layers import IterationNormBase
 
 __all__ = ["update_norm_stats", "precise_norm_layers", "PreciseNorm"]
 
@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 def precise_norm_layers(model: nn.Module) -> List[Tuple[str, IterationNormBase]]:
     """``(name, layer)`` of the CBN / NaiveCBN / MABN layers of ``model`` in training mode."""
     return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d)) and m.training]
+            if isinstance(m, IterationNormBase) and m.training]
 
 
 class _Accumulator:
@@ -86,13 +86,9 @@ class _Accumulator:
 
 def _batch_normalize(layer: IterationNormBase, x: torch.Tensor, mean: torch.Tensor, sq_mean: torch.Tensor):
     """The layer's normalization with the current batch's statistics (see the module docstring)."""
-    if isinstance(layer, MovingAverageBatchNorm2d):
-        scale = torch.rsqrt(sq_mean + layer.eps)
-        shift = torch.zeros_like(scale)
-    else:
-        var = (sq_mean - mean * mean).clamp_min(0)
-        scale = torch.rsqrt(var + layer.eps)
-        shift = -mean * scale
+    center, var = layer.statistics_from_moments(mean, sq_mean)
+    scale = torch.rsqrt(var + layer.eps)
+    shift = -center * scale
     if layer.affine:
         w = layer.weight.detach().to(torch.float64)
         scale, shift = scale * w, shift * w + layer.bias.detach().to(torch.float64)
@@ -133,8 +129,8 @@ def update_norm_stats(model: nn.Module, data_loader: Iterable[Any], num_iters: i
     saved: Dict[nn.Module, bool] = {}
     for _, layer in layers:
         saved[layer] = layer.training
-        if isinstance(layer, CrossIterationBatchNorm2d) and layer.conv is not None:
-            saved[layer.conv] = layer.conv.training
+        for module in layer.mode_dependents():  # e.g. CBN's producing conv (input capture)
+            saved[module] = module.training
     handles = [layer.register_forward_hook(acc) for (_, layer), acc in zip(layers, accumulators)]
     try:
         for module in saved:
@@ -163,13 +159,7 @@ def update_norm_stats(model: nn.Module, data_loader: Iterable[Any], num_iters: i
         if acc.count == 0:
             logger.warning(f"PreciseBN: {name} ({type(layer).__name__}) saw no input; its statistics are kept")
             continue
-        sq_mean = acc.sum_sq / acc.count
-        if isinstance(layer, MovingAverageBatchNorm2d):
-            layer.running_chi2.copy_(sq_mean.to(layer.running_chi2.dtype))
-        else:
-            mean = acc.sum / acc.count
-            layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
-            layer.running_var.copy_((sq_mean - mean * mean).clamp_min(0).to(layer.running_var.dtype))
+        layer.set_population_statistics(acc.sum / acc.count, acc.sum_sq / acc.count)
     return counts
 
 

@@ -14,24 +14,45 @@ from fvcore.nn.precise_bn import get_bn_modules
 
 from ..checkpoint import NormCheckpointer
 from ..compat import has_compiled_ops
-from ..config import scale_norm_iterations
-from ..modeling import build_model
+from ..config import cbn_burn_in_iters, norm_keys, resolve_burn_in, scale_norm_iterations
+from ..modeling import NORM_FAMILIES, build_model
 from .freeze import FreezeNormStatsHook
 from .hooks import NormIterationHook
 from .resources import InferenceTimer, PeakMemoryHook, append_inference_time
 from .syncbn import warn_single_process_syncbn
 from .precise_norm import PreciseNorm, precise_norm_layers
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "training_set_size", "uses_cbn"]
 
 logger = logging.getLogger(__name__)
+
+
+def uses_cbn(cfg) -> bool:
+    """True if a norm key of ``cfg`` names a family configured by ``MODEL.CBN`` (CBN, NaiveCBN)."""
+    return any(NORM_FAMILIES[v].config_section == "CBN" for v in norm_keys(cfg).values() if v in NORM_FAMILIES)
+
+
+def training_set_size(cfg) -> int:
+    """Number of training images of ``cfg.DATASETS.TRAIN`` after Detectron2's filtering (the
+    dicts its training loader uses), for a burn-in given in epochs."""
+    from detectron2.data import get_detection_dataset_dicts
+
+    dicts = get_detection_dataset_dicts(
+        cfg.DATASETS.TRAIN,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+        proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+    )
+    return len(dicts)
 
 
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with smallbn_d2's model building, hooks and COCO evaluation.
 
-    * :meth:`build_model`: ``detectron2.modeling.build_model`` + ``prepare_norms`` (producing
-      convs, hyperparameters from ``cfg.MODEL.CBN``/``cfg.MODEL.MABN``, per-level RetinaNet norms).
+    * :meth:`build_model`: :func:`smallbn_d2.build_model` (layers built with the hyperparameters of
+      ``cfg.MODEL.CBN``/``cfg.MODEL.MABN``, wired to their producing convs). A CBN burn-in given in
+      epochs is converted to iterations first, with the training set size
+      (:func:`training_set_size`; the only place that reads the dataset for it).
     * :meth:`build_hooks`: :class:`NormIterationHook` first, then freezing of the norm
       statistics (``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER``), then Detectron2's default hooks
       with PreciseBN covering CBN and MABN (:class:`PreciseNorm`).
@@ -52,6 +73,9 @@ class Trainer(DefaultTrainer):
         # Detectron2 rescales its own schedule for the number of GPUs (SOLVER.REFERENCE_WORLD_SIZE)
         # and the norms' burn-in/warm-ups must follow (smallbn_d2.config.scale_norm_iterations).
         cfg = scale_norm_iterations(cfg, comm.get_world_size())
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())  # what super() does; idempotent
+        if cbn_burn_in_iters(cfg) is None and uses_cbn(cfg):
+            cfg = resolve_burn_in(cfg, training_set_size(cfg))
         super().__init__(cfg)
         self.checkpointer = NormCheckpointer(self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         for hook in self._hooks:

@@ -1,30 +1,41 @@
-"""Shared machinery of the cross-iteration normalization layers (CBN, MABN).
+"""Shared machinery of the cross-iteration normalization layers (CBN, NaiveCBN, MABN).
 
-Both layers carry state across *trainer iterations* and both need the conv that produces their
-input (CBN differentiates its statistics with respect to that conv's weight; MABN centralizes
-that weight). This module holds what they share:
+Both layer families carry state across *trainer iterations* and both need the conv that
+produces their input (CBN differentiates its statistics with respect to that conv's weight;
+MABN centralizes that weight). This module holds what they share, and the interface through
+which everything above the layers (PreciseBN, freezing of statistics, conversion to FrozenBN,
+checkpoint mapping) works with any of them without asking which one it is:
 
-* the trainer iteration, set from outside by :meth:`IterationNormBase.set_iteration` (the
-  Detectron2 hook :class:`smallbn_d2.engine.NormIterationHook` does it before every step), never
-  counted from forward calls;
+* the trainer iteration (0-based), set from outside by :meth:`IterationNormBase.set_iteration`
+  (the Detectron2 hook :class:`smallbn_d2.engine.NormIterationHook` does it before every step),
+  never counted from forward calls;
 * the link to the producing conv, :meth:`IterationNormBase.attach_conv`, kept outside
   ``_modules`` so that it appears neither in ``state_dict`` nor twice in ``named_modules``;
-* the learnable affine parameters ``weight`` (gamma) and ``bias`` (beta), shape (C,), and
-  :meth:`IterationNormBase.configure` to set hyperparameters after construction (Detectron2's
-  ``get_norm(name, channels)`` can only pass the channel count).
+* the learnable affine parameters ``weight`` (gamma) and ``bias`` (beta), shape (C,);
+* population statistics as a per-channel affine map: :meth:`eval_affine` (what FrozenBN gets),
+  :meth:`statistics_from_moments` and :meth:`population_state` (what PreciseBN and a BN
+  checkpoint give the layer), :meth:`set_population_statistics`;
+* the cross-iteration state (:meth:`cross_iteration_state_keys`), which a checkpoint of another
+  norm cannot hold, and :meth:`mode_dependents`, the modules that follow the layer into eval mode.
+
+Hyperparameters are constructor arguments only, checked against the class's
+``HYPERPARAMETERS`` table (:mod:`smallbn_d2.layers.hyperparameters`); there is no
+reconfiguration after construction.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from .hyperparameters import POSITIVE, Range
 
 __all__ = ["IterationNormBase", "NormNotWiredError"]
 
 
 class NormNotWiredError(RuntimeError):
-    """A CBN/MABN layer is used in training without a producing conv or an iteration."""
+    """A CBN/MABN layer is used in training without a producing conv, an iteration or a burn-in."""
 
 
 class IterationNormBase(nn.Module):
@@ -36,15 +47,18 @@ class IterationNormBase(nn.Module):
         affine: learn gamma (``weight``, ones) and beta (``bias``, zeros), each of shape (C,).
 
     Raises:
-        ValueError: ``num_features`` < 1 or ``eps`` <= 0.
+        ValueError: ``num_features`` < 1 or ``eps`` <= 0 (the message names the argument).
     """
+
+    #: constructor argument -> allowed range, extended by each subclass.
+    HYPERPARAMETERS: ClassVar[Dict[str, Range]] = {"eps": POSITIVE}
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True):
         super().__init__()
-        if not isinstance(num_features, int) or num_features < 1:
+        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
             raise ValueError(f"num_features = {num_features!r} is invalid; allowed: an integer >= 1")
         self.num_features = num_features
-        self.eps = _positive(eps, "eps")
+        self.eps = self.HYPERPARAMETERS["eps"].check(eps, "eps")
         self.affine = affine
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features))
@@ -54,6 +68,10 @@ class IterationNormBase(nn.Module):
             self.register_parameter("bias", None)
         self.iteration: Optional[int] = None
         self.__dict__["_producer_conv"] = None
+
+    def _check(self, name: str, value):
+        """``value`` checked against ``HYPERPARAMETERS[name]`` (ValueError naming ``name``)."""
+        return self.HYPERPARAMETERS[name].check(value, name)
 
     # ------------------------------------------------------------------ iteration
     def set_iteration(self, iteration: int) -> None:
@@ -84,14 +102,15 @@ class IterationNormBase(nn.Module):
         return self.__dict__["_producer_conv"]
 
     def attach_conv(self, conv: nn.Conv2d) -> None:
-        """Link the conv that produces this layer's input.
+        """Link the conv that produces this layer's input (once; the wiring step does it).
 
         Args:
             conv: an ``nn.Conv2d`` (Detectron2's ``Conv2d`` included) with ``out_channels`` ==
                 ``num_features``.
         Raises:
             TypeError: ``conv`` is not an ``nn.Conv2d``.
-            ValueError: its ``out_channels`` differ from ``num_features``.
+            ValueError: its ``out_channels`` differ from ``num_features``, or another conv is
+                attached already.
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"{type(self).__name__} needs an nn.Conv2d as producing layer, got {type(conv).__name__}")
@@ -100,20 +119,33 @@ class IterationNormBase(nn.Module):
                 f"{type(self).__name__}({self.num_features}) cannot follow a conv with "
                 f"out_channels = {conv.out_channels}; allowed: out_channels == {self.num_features}"
             )
+        if self.conv is conv:
+            return
+        if self.conv is not None:
+            raise ValueError(f"{type(self).__name__} is attached to {self.conv} already; allowed: one producing conv")
         self.__dict__["_producer_conv"] = conv
         self._conv_attached(conv)
 
     def _conv_attached(self, conv: nn.Conv2d) -> None:
         """Subclass hook: allocate state that depends on the conv's shape."""
 
+    def release_conv(self) -> None:
+        """Undo what attaching did to the conv that the layer's eval mode does not need (CBN:
+        the capture of the conv's input). Called when the layer is converted for inference."""
+
     def _require_conv(self) -> nn.Conv2d:
         if self.conv is None:
             raise NormNotWiredError(
                 f"{type(self).__name__} has no producing conv. Build the model with "
-                "smallbn_d2.build_model(cfg) or call smallbn_d2.prepare_norms(model, cfg); a "
+                "smallbn_d2.build_model(cfg) or call smallbn_d2.prepare_norms(model); a "
                 "standalone layer needs layer.attach_conv(conv)."
             )
         return self.conv
+
+    def mode_dependents(self) -> List[nn.Module]:
+        """Modules whose training flag must follow this layer's when its statistics are frozen or
+        recomputed in eval mode (CBN: its producing conv, which captures its input in training)."""
+        return []
 
     def _affine(self, y: torch.Tensor) -> torch.Tensor:
         if not self.affine:
@@ -121,12 +153,42 @@ class IterationNormBase(nn.Module):
         shape = (1, -1) + (1,) * (y.dim() - 2)
         return y * self.weight.reshape(shape).to(y.dtype) + self.bias.reshape(shape).to(y.dtype)
 
-    def configure(self, **hyperparameters) -> None:  # pragma: no cover - abstract
-        """Set hyperparameters (subclasses list theirs) and reset the cross-iteration state."""
+    # ------------------------------------------------------------------ population statistics
+    def eval_affine(self) -> Tuple[torch.Tensor, torch.Tensor, float, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(mean, var, eps, gamma, beta)`` with eval(x) = (x - mean) / sqrt(var + eps) * gamma + beta.
+
+        mean, var: (C,) tensors (MABN: mean = 0, var = running E[x^2]); gamma, beta: (C,) or None
+        without affine. What :func:`smallbn_d2.deploy.convert_to_frozen_bn` gives FrozenBN.
+        """
         raise NotImplementedError
 
+    def statistics_from_moments(self, mean: torch.Tensor, sq_mean: torch.Tensor
+                                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(center, var)`` that this layer normalizes with, given the first and second moments
+        E[x], E[x^2] (C,) of its input: (mean, E[x^2] - mean^2) for CBN, (0, E[x^2]) for MABN."""
+        raise NotImplementedError
 
-def _positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} = {value!r} is invalid; allowed: a number > 0")
-    return float(value)
+    def population_state(self, mean: torch.Tensor, sq_mean: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Population-statistics buffers (name -> (C,) tensor, in the buffers' dtype) for an
+        input with moments E[x] = ``mean`` and E[x^2] = ``sq_mean``, each (C,)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def set_population_statistics(self, mean: torch.Tensor, sq_mean: torch.Tensor) -> None:
+        """Write :meth:`population_state` into the layer's buffers (PreciseBN)."""
+        for name, value in self.population_state(mean, sq_mean).items():
+            getattr(self, name).copy_(value)
+
+    def population_state_keys(self) -> Tuple[str, ...]:
+        """Names of the population-statistics buffers (those :meth:`population_state` returns)."""
+        raise NotImplementedError
+
+    def cross_iteration_state_keys(self) -> Tuple[str, ...]:
+        """Names of the buffers that hold state across iterations (windows, moving averages,
+        their iteration tags); a checkpoint of another norm cannot hold them."""
+        raise NotImplementedError
+
+    def state_shape_hint(self, key: str, checkpoint_shape: Tuple[int, ...]) -> Optional[str]:
+        """Why a checkpoint's buffer ``key`` of shape ``checkpoint_shape`` may differ from this
+        layer's (the hyperparameter that sets the shape and how to match it), or None."""
+        return None

@@ -12,7 +12,8 @@ Per channel c, at trainer iteration t with window size k (k = 1 during the burn-
     y = gamma * (x - mu_bar) / sqrt(nu_bar - mu_bar^2 + eps) + beta                    (item 4)
 
 theta is the producing conv's weight and, if it has one, its bias (exactly first order in the
-bias: d mu / d b = 1, d nu / d b = 2 mu). Gradients flow only through the current mu_t, nu_t.
+bias: d mu / d b = 1, d nu / d b = 2 mu; ``compensate_bias=False`` ignores the bias, as the
+released code does). Gradients flow only through the current mu_t, nu_t.
 
 Implementation notes (all algebraically identical to the formulas above):
 
@@ -27,7 +28,9 @@ Implementation notes (all algebraically identical to the formulas above):
 * Window bookkeeping is by trainer iteration: entry tags record the iteration that wrote them and
   only tags in [t-k+1, t-1] count (the window averages over the entries present, so a layer that
   saw no input in some iteration, or the first iterations after burn-in, average fewer). Entries
-  are written only from iteration burn_in - (k - 1) on, so the burn-in costs what BN costs.
+  are written only from iteration burn_in - (k - 1) on (``window_after_burn_in="full"``, the
+  paper: the window is full when it is first used) or from burn_in on (``"grow"``, the released
+  code), so the burn-in costs what BN costs.
 * Non-finite batches (NaN/Inf in the input): the output is computed (and will be non-finite, which
   Detectron2's trainer reports), but nothing is written to the running statistics or the window:
   every state update is masked with ``torch.where`` (no host synchronization).
@@ -40,14 +43,26 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import IterationNormBase, NormNotWiredError, _positive
+from .base import IterationNormBase, NormNotWiredError
 from .cbn_grad import check_supported_conv, stat_grads_autograd, stat_grads_closed_form
-from .conv_input import capture_conv_input, pop_conv_input
+from .conv_input import capture_conv_input, pop_conv_input, release_conv_input
+from .hyperparameters import (
+    BOOLEAN,
+    INT_AT_LEAST_0,
+    INT_AT_LEAST_1,
+    UNIT_INTERVAL,
+    Range,
+    one_of,
+    optional,
+)
 
 __all__ = ["CrossIterationBatchNorm2d", "NaiveCrossIterationBatchNorm2d"]
 
-_AGGREGATIONS = ("paper", "drop_invalid")
-_GRAD_MODES = ("closed_form", "autograd")
+#: Window aggregation rules: the paper's (eq. 8-9) and the released code's.
+AGGREGATIONS = ("paper", "drop_invalid")
+#: How the window starts after the burn-in: full (the paper) or growing from 1 to k (released code).
+WINDOW_AFTER_BURN_IN = ("full", "grow")
+GRAD_MODES = ("closed_form", "autograd")
 
 
 def _conv_output_size(conv: nn.Conv2d, h: int, w: int):
@@ -146,7 +161,9 @@ class CrossIterationBatchNorm2d(IterationNormBase):
     Args:
         num_features: C.
         window_size: k >= 1, iterations in the window, the current one included (item 6).
-        burn_in: iterations (trainer iterations, 0-based) with k = 1 before the window is used.
+        burn_in: iterations (trainer iterations, 0-based) with k = 1 before the window is used;
+            None: not known yet (given in epochs, which needs the training set size); eval works,
+            a training forward raises :class:`NormNotWiredError`.
         momentum: population-statistics momentum in (0, 1], PyTorch convention (weight of the
             new batch); updated with the current batch's mean and unbiased variance (item 7).
         eps: > 0, added to the variance inside the square root.
@@ -166,26 +183,46 @@ class CrossIterationBatchNorm2d(IterationNormBase):
             output positions (:func:`~smallbn_d2.layers.cbn_grad.stat_grads_closed_form`), which
             divides the cost of the extra weight-gradient conv by about s; see docs/BENCHMARKS.md
             for its measured effect on speed and on the statistics.
+        window_after_burn_in: ``"full"`` (the paper: statistics of the k - 1 iterations before
+            the end of the burn-in are stored, so the window is full from its first use) or
+            ``"grow"`` (the released code: the window starts empty at the end of the burn-in and
+            grows from 1 to k).
+        compensate_bias: True (the paper's rule applied to all of theta: the conv bias enters the
+            compensation exactly) or False (the released code: the bias is ignored).
 
-    Buffers (state_dict): ``running_mean``, ``running_var`` (C,), ``num_batches_tracked`` and,
-    once a conv is attached and k > 1, the window ``window_iters`` (k-1,), ``window_mu``,
-    ``window_mu0``, ``window_nu0`` (k-1, C), ``window_mu_grad`` (k-1, G, C_in/G, kh, kw) and
-    ``window_nu_grad`` (k-1, C, C_in/G, kh, kw).
+    Buffers (state_dict): ``running_mean``, ``running_var`` (C,), ``num_batches_tracked``, the
+    window ``window_iters`` (k-1,), ``window_mu``, ``window_mu0``, ``window_nu0`` (k-1, C) and,
+    once a conv is attached (CBN, not Naive CBN), ``window_mu_grad`` (k-1, G, C_in/G, kh, kw) and
+    ``window_nu_grad`` (k-1, C, C_in/G, kh, kw). Each is allocated once.
 
     Shapes: input and output (N, C, H, W); N * H * W may be 0 (returns an empty output, no
     state change) or 1.
 
     Raises:
         ValueError: an argument is out of range (the message names it and the allowed range).
-        NormNotWiredError: training forward without a producing conv or without a trainer
-            iteration (:meth:`set_iteration`), or an input the attached conv did not produce.
+        NormNotWiredError: training forward without a producing conv, without a trainer
+            iteration (:meth:`set_iteration`) or without a known burn-in, or an input the
+            attached conv did not produce.
     """
+
+    HYPERPARAMETERS = {
+        **IterationNormBase.HYPERPARAMETERS,
+        "window_size": INT_AT_LEAST_1,
+        "burn_in": optional(INT_AT_LEAST_0, "not known yet: given in epochs, converted by the trainer"),
+        "momentum": UNIT_INTERVAL,
+        "aggregation": one_of(AGGREGATIONS),
+        "compensate": BOOLEAN,
+        "compensate_bias": BOOLEAN,
+        "window_after_burn_in": one_of(WINDOW_AFTER_BURN_IN),
+        "grad_mode": one_of(GRAD_MODES),
+        "grad_subsample": Range("an integer >= 1 (1 = exact d nu / d theta)", INT_AT_LEAST_1.test, int),
+    }
 
     def __init__(
         self,
         num_features: int,
         window_size: int = 4,
-        burn_in: int = 0,
+        burn_in: Optional[int] = 0,
         momentum: float = 0.1,
         eps: float = 1e-5,
         affine: bool = True,
@@ -193,77 +230,78 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         compensate: bool = True,
         grad_mode: str = "closed_form",
         grad_subsample: int = 1,
+        window_after_burn_in: str = "full",
+        compensate_bias: bool = True,
     ):
         super().__init__(num_features, eps=eps, affine=affine)
-        self.compensate = compensate
+        self.window_size = self._check("window_size", window_size)
+        self.burn_in = self._check("burn_in", burn_in)
+        self.momentum = self._check("momentum", momentum)
+        self.aggregation = self._check("aggregation", aggregation)
+        self.compensate = self._check("compensate", compensate)
+        self.compensate_bias = self._check("compensate_bias", compensate_bias)
+        self.window_after_burn_in = self._check("window_after_burn_in", window_after_burn_in)
+        self.grad_mode = self._check("grad_mode", grad_mode)
+        self.grad_subsample = self._check("grad_subsample", grad_subsample)
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        self.configure(window_size=window_size, burn_in=burn_in, momentum=momentum, eps=eps,
-                       aggregation=aggregation, grad_mode=grad_mode, grad_subsample=grad_subsample)
-
-    # ------------------------------------------------------------------ configuration
-    def configure(self, window_size: Optional[int] = None, burn_in: Optional[int] = None,
-                  momentum: Optional[float] = None, eps: Optional[float] = None,
-                  aggregation: Optional[str] = None, grad_mode: Optional[str] = None,
-                  grad_subsample: Optional[int] = None) -> None:
-        """Set hyperparameters (None keeps the current value); a new window size clears the window.
-
-        Raises:
-            ValueError: a value is out of range (see the class docstring).
-        """
-        if window_size is not None:
-            if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
-                raise ValueError(f"window_size = {window_size!r} is invalid; allowed: an integer >= 1")
-            changed = window_size != getattr(self, "window_size", None)
-            self.window_size = window_size
-            if changed:
-                self._allocate_window()
-        if burn_in is not None:
-            if not isinstance(burn_in, int) or isinstance(burn_in, bool) or burn_in < 0:
-                raise ValueError(f"burn_in = {burn_in!r} is invalid; allowed: an integer >= 0 (iterations)")
-            self.burn_in = burn_in
-        if momentum is not None:
-            if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
-                raise ValueError(f"momentum = {momentum!r} is invalid; allowed: a number in (0, 1]")
-            self.momentum = float(momentum)
-        if eps is not None:
-            self.eps = _positive(eps, "eps")
-        if aggregation is not None:
-            if aggregation not in _AGGREGATIONS:
-                raise ValueError(f"aggregation = {aggregation!r} is invalid; allowed: {_AGGREGATIONS}")
-            self.aggregation = aggregation
-        if grad_mode is not None:
-            if grad_mode not in _GRAD_MODES:
-                raise ValueError(f"grad_mode = {grad_mode!r} is invalid; allowed: {_GRAD_MODES}")
-            self.grad_mode = grad_mode
-        if grad_subsample is not None:
-            if isinstance(grad_subsample, bool) or not isinstance(grad_subsample, int) or grad_subsample < 1:
-                raise ValueError(f"grad_subsample = {grad_subsample!r} is invalid; allowed: an integer >= 1 "
-                                 "(1 = exact d nu / d theta)")
-            self.grad_subsample = grad_subsample
+        # The window's per-channel entries; the weight-sized d mu / d theta, d nu / d theta
+        # entries need the conv's shape and are allocated when it is attached.
+        slots = self.window_size - 1
+        self.register_buffer("window_iters", torch.full((slots,), -1, dtype=torch.long))
+        for name in ("window_mu", "window_mu0", "window_nu0"):
+            self.register_buffer(name, torch.zeros(slots, num_features))
 
     def _conv_attached(self, conv: nn.Conv2d) -> None:
         check_supported_conv(conv)
         capture_conv_input(conv)
-        self._allocate_window()
+        if self.compensate:
+            slots, G = self.window_size - 1, conv.groups
+            like = self.running_mean
+            self.register_buffer("window_mu_grad", like.new_zeros((slots, G) + tuple(conv.weight.shape[1:])))
+            self.register_buffer("window_nu_grad", like.new_zeros((slots,) + tuple(conv.weight.shape)))
 
-    def _allocate_window(self) -> None:
-        conv = self.conv
-        slots = self.window_size - 1
-        dev = self.running_mean.device
+    def release_conv(self) -> None:
+        """Stop capturing the producing conv's input (the eval mode does not need it)."""
+        if self.conv is not None:
+            release_conv_input(self.conv)
+
+    def mode_dependents(self):
+        """The producing conv: in training mode it captures its input for the window."""
+        return [] if self.conv is None else [self.conv]
+
+    # ------------------------------------------------------------------ population statistics
+    def eval_affine(self):
+        """``(running_mean, running_var, eps, gamma, beta)``: eval mode is BN (CBN item 7)."""
+        return self.running_mean, self.running_var, self.eps, self.weight, self.bias
+
+    def statistics_from_moments(self, mean, sq_mean):
+        """``(mean, E[x^2] - mean^2)`` (clamped at 0): BatchNorm's statistics."""
+        return mean, (sq_mean - mean * mean).clamp_min(0)
+
+    def population_state(self, mean, sq_mean):
+        """``running_mean = E[x]``, ``running_var = E[x^2] - E[x]^2`` in the buffers' dtype."""
+        center, var = self.statistics_from_moments(mean, sq_mean)
         dt = self.running_mean.dtype
-        C = self.num_features
-        shapes = {"window_mu": (slots, C), "window_mu0": (slots, C), "window_nu0": (slots, C)}
-        if conv is not None and self.compensate:
-            G = conv.groups
-            shapes["window_mu_grad"] = (slots, G) + tuple(conv.weight.shape[1:])
-            shapes["window_nu_grad"] = (slots,) + tuple(conv.weight.shape)
-        for name in ("window_mu", "window_mu0", "window_nu0", "window_mu_grad", "window_nu_grad"):
-            self._buffers.pop(name, None)
-        self.register_buffer("window_iters", torch.full((slots,), -1, dtype=torch.long, device=dev))
-        for name, shape in shapes.items():
-            self.register_buffer(name, torch.zeros(shape, dtype=dt, device=dev))
+        return {"running_mean": center.to(dt), "running_var": var.to(dt)}
+
+    def population_state_keys(self):
+        """``("running_mean", "running_var")``."""
+        return ("running_mean", "running_var")
+
+    def cross_iteration_state_keys(self):
+        """The window (``window_*``) and ``num_batches_tracked``."""
+        return tuple(k for k in self._buffers if k.startswith("window_")) + ("num_batches_tracked",)
+
+    def state_shape_hint(self, key, checkpoint_shape):
+        """Window buffers have k - 1 rows: name the window size to set."""
+        if key.startswith("window_") and checkpoint_shape:
+            k = checkpoint_shape[0] + 1
+            return (f"the checkpoint was trained with window size k = {k}, the model has "
+                    f"k = {self.window_size} (MODEL.CBN.WINDOW_SIZE); set MODEL.CBN.WINDOW_SIZE {k} "
+                    "to resume it, or delete its window_* entries to start with an empty window")
+        return None
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, window_size={self.window_size}, burn_in={self.burn_in}, "
@@ -272,9 +310,31 @@ class CrossIterationBatchNorm2d(IterationNormBase):
                 + (f", grad_subsample={self.grad_subsample}" if self.grad_subsample != 1 else ""))
 
     def effective_window_size(self, iteration: Optional[int] = None) -> int:
-        """k in force at ``iteration`` (default: the current one): 1 during the burn-in, else k."""
+        """k in force at ``iteration`` (default: the current one): 1 during the burn-in, else k.
+
+        Raises:
+            NormNotWiredError: no iteration set, or the burn-in is not known (``burn_in=None``).
+        """
         t = self._require_iteration() if iteration is None else iteration
-        return 1 if t < self.burn_in else self.window_size
+        return 1 if t < self._require_burn_in() else self.window_size
+
+    def _require_burn_in(self) -> int:
+        if self.burn_in is None:
+            raise NormNotWiredError(
+                f"{type(self).__name__} is training but its burn-in is not known: it was given in epochs "
+                "(MODEL.CBN.BURN_IN_EPOCHS, or neither BURN_IN_ITERS nor BURN_IN_EPOCHS: 3 epochs), which "
+                "needs the training set size. Train with smallbn_d2's Trainer (it converts epochs to "
+                "iterations), convert with smallbn_d2.config.resolve_burn_in(cfg, dataset_size) before "
+                "building the model, or set MODEL.CBN.BURN_IN_ITERS."
+            )
+        return self.burn_in
+
+    def _first_written_iteration(self) -> int:
+        """First iteration whose statistics enter the window: ``burn_in - (k - 1)`` when the window is
+        full right after the burn-in (the paper), ``burn_in`` when it grows from 1 to k (released code)."""
+        if self.window_after_burn_in == "full":
+            return self.burn_in - (self.window_size - 1)
+        return self.burn_in
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -369,7 +429,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
             gnu = self.window_nu_grad.to(cdt).flatten(2)  # (k-1, C, D)
             mu_c = self.window_mu0.to(cdt) + torch.einsum("jgd,gcd->jgc", gmu, theta_g).reshape(-1, C)
             nu_c = self.window_nu0.to(cdt) + (gnu * theta.reshape(1, C, -1)).sum(-1)  # <g_nu_j[c], theta[c]>
-            if conv.bias is not None:
+            if conv.bias is not None and self.compensate_bias:
                 b = conv.bias.detach().to(cdt)
                 mu_c = mu_c + b
                 nu_c = nu_c + 2.0 * mu_old * b
@@ -396,7 +456,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         self.running_var.copy_(torch.where(finite, (1 - m) * self.running_var + m * unbiased.to(dt), self.running_var))
         self.num_batches_tracked.add_(finite.long())  # batches whose statistics were used
         k = self.window_size
-        if k == 1 or t < self.burn_in - (k - 1):
+        if k == 1 or t < self._first_written_iteration():
             return
         slot = t % (k - 1)
         nu_t = var_t + mu_t * mu_t
@@ -412,7 +472,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
             theta = conv.weight.detach().to(mu_t.dtype)
             mu0 = mu_t - torch.einsum("gd,gcd->gc", grads.mu_weight.flatten(1), theta.reshape(G, C // G, -1)).reshape(C)
             nu0 = nu_t - (grads.nu_weight.flatten(1) * theta.reshape(C, -1)).sum(-1)
-            if conv.bias is not None:
+            if conv.bias is not None and self.compensate_bias:
                 b = conv.bias.detach().to(mu_t.dtype)
                 mu0 = mu0 - b
                 nu0 = nu0 - 2.0 * mu_t * b
@@ -443,7 +503,7 @@ class NaiveCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
     unused. It still needs its producing conv attached (for the input check) by the wiring.
     """
 
-    def __init__(self, num_features: int, window_size: int = 4, burn_in: int = 0, momentum: float = 0.1,
+    def __init__(self, num_features: int, window_size: int = 4, burn_in: Optional[int] = 0, momentum: float = 0.1,
                  eps: float = 1e-5, affine: bool = True, aggregation: str = "paper", **kwargs):
         kwargs.pop("compensate", None)
         super().__init__(num_features, window_size=window_size, burn_in=burn_in, momentum=momentum, eps=eps,

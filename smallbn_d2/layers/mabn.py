@@ -12,42 +12,13 @@ import contextlib
 import torch
 from torch import nn
 
-from .base import IterationNormBase, _positive
+from .base import IterationNormBase
+from .hyperparameters import FINITE_AT_LEAST_1, INT_AT_LEAST_0, INT_AT_LEAST_1, UNIT_INTERVAL
 from .weight_centralization import centralize_conv_weight
 
 __all__ = ["MovingAverageBatchNorm2d"]
 
-_HYPERPARAMETERS = ("buffer_size", "momentum", "eps", "warmup_iters", "renorm_warmup_iters", "r_max")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# ---------------------------------------------------------------------------------- validation
-def _int_at_least(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} = {value!r} is invalid; allowed: an integer >= {low}")
-    return int(value)
-
-
-def _momentum(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"momentum = {value!r} is invalid; allowed: a number in (0, 1]")
-    return float(value)
-
-
-def _r_max(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1.0 <= value < float("inf"):
-        raise ValueError(f"r_max = {value!r} is invalid; allowed: a finite number >= 1")
-    return float(value)
-
-
-_VALIDATORS = {
-    "buffer_size": lambda v: _int_at_least(v, "buffer_size", 1),
-    "momentum": _momentum,
-    "eps": lambda v: _positive(v, "eps"),
-    "warmup_iters": lambda v: _int_at_least(v, "warmup_iters", 0),
-    "renorm_warmup_iters": lambda v: _int_at_least(v, "renorm_warmup_iters", 0),
-    "r_max": _r_max,
-}
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -242,61 +213,71 @@ class MovingAverageBatchNorm2d(IterationNormBase):
     ``running_chi2`` (C,) float32, ones (the EMA population statistic chi2_ema).
 
     Raises:
-        ValueError (constructor, :meth:`configure`): an argument out of its range; the message
+        ValueError (constructor): an argument out of its range; the message
             names the argument, the value and the allowed range.
         NormNotWiredError (forward): training without a trainer iteration (:meth:`set_iteration`).
         ValueError (forward): input with fewer than 2 dims or a channel count != C.
         TypeError (forward): non-floating-point input.
     """
 
+    HYPERPARAMETERS = {
+        **IterationNormBase.HYPERPARAMETERS,
+        "buffer_size": INT_AT_LEAST_1,
+        "momentum": UNIT_INTERVAL,
+        "warmup_iters": INT_AT_LEAST_0,
+        "renorm_warmup_iters": INT_AT_LEAST_0,
+        "r_max": FINITE_AT_LEAST_1,
+    }
+
     def __init__(self, num_features: int, buffer_size: int = 16, momentum: float = 0.98, eps: float = 1e-5,
                  warmup_iters: int = 0, renorm_warmup_iters: int = 1000, r_max: float = 5.0, affine: bool = True):
         super().__init__(num_features, eps=eps, affine=affine)
-        self.buffer_size = _VALIDATORS["buffer_size"](buffer_size)
-        self.momentum = _momentum(momentum)
-        self.warmup_iters = _VALIDATORS["warmup_iters"](warmup_iters)
-        self.renorm_warmup_iters = _VALIDATORS["renorm_warmup_iters"](renorm_warmup_iters)
-        self.r_max = _r_max(r_max)
-        self.register_buffer("running_chi2", torch.ones(num_features))
-        self._allocate_moving_average_buffers(torch.device("cpu"), torch.float32)
-
-    # ------------------------------------------------------------------ state
-    def _allocate_moving_average_buffers(self, device: torch.device, dtype: torch.dtype) -> None:
-        m, c = self.buffer_size, self.num_features
-        self.register_buffer("chi2_buffer", torch.zeros(m, c, device=device, dtype=dtype))
-        self.register_buffer("chi2_iters", torch.full((m,), -1, device=device, dtype=torch.int64))
-        self.register_buffer("psi_buffer", torch.zeros(m, c, device=device, dtype=dtype))
-        self.register_buffer("psi_iters", torch.full((m,), -1, device=device, dtype=torch.int64))
-
-    def configure(self, **hyperparameters) -> None:
-        """Set hyperparameters after construction (Detectron2's ``get_norm`` passes only C).
-
-        Keywords (any subset): ``buffer_size``, ``momentum``, ``eps``, ``warmup_iters``,
-        ``renorm_warmup_iters``, ``r_max``, validated as in the constructor. All are validated
-        before any is set. A changed ``buffer_size`` re-allocates (clears) the four
-        moving-average buffers (same device and dtype); otherwise the cross-iteration state,
-        ``running_chi2`` included, is kept.
-
-        Raises:
-            TypeError: an unknown keyword.
-            ValueError: a value out of range (naming the argument, the value, the range).
-        """
-        unknown = sorted(set(hyperparameters) - set(_HYPERPARAMETERS))
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__}.configure() got unknown hyperparameters {unknown}; "
-                f"allowed: {list(_HYPERPARAMETERS)}"
-            )
-        values = {k: _VALIDATORS[k](v) for k, v in hyperparameters.items()}
-        resize = "buffer_size" in values and values["buffer_size"] != self.buffer_size
-        for k, v in values.items():
-            setattr(self, k, v)
-        if resize:
-            self._allocate_moving_average_buffers(self.chi2_buffer.device, self.chi2_buffer.dtype)
+        self.buffer_size = self._check("buffer_size", buffer_size)
+        self.momentum = self._check("momentum", momentum)
+        self.warmup_iters = self._check("warmup_iters", warmup_iters)
+        self.renorm_warmup_iters = self._check("renorm_warmup_iters", renorm_warmup_iters)
+        self.r_max = self._check("r_max", r_max)
+        m, c = self.buffer_size, num_features
+        self.register_buffer("running_chi2", torch.ones(c))
+        self.register_buffer("chi2_buffer", torch.zeros(m, c))
+        self.register_buffer("chi2_iters", torch.full((m,), -1, dtype=torch.int64))
+        self.register_buffer("psi_buffer", torch.zeros(m, c))
+        self.register_buffer("psi_iters", torch.full((m,), -1, dtype=torch.int64))
 
     def _conv_attached(self, conv: nn.Conv2d) -> None:
         """Apply weight centralization to the producing conv (METHODS.md MABN item 2)."""
         centralize_conv_weight(conv)
+
+    # ------------------------------------------------------------------ population statistics
+    def eval_affine(self):
+        """``(0, running_chi2, eps, gamma, beta)``: inference is y = gamma * x / sqrt(chi2 + eps) + beta."""
+        chi2 = self.running_chi2
+        return torch.zeros_like(chi2), chi2, self.eps, self.weight, self.bias
+
+    def statistics_from_moments(self, mean, sq_mean):
+        """``(0, E[x^2])``: MABN normalizes without centering."""
+        return torch.zeros_like(sq_mean), sq_mean
+
+    def population_state(self, mean, sq_mean):
+        """``running_chi2 = E[x^2]`` in the buffer's dtype (from BN statistics: var + mean^2)."""
+        return {"running_chi2": sq_mean.to(self.running_chi2.dtype)}
+
+    def population_state_keys(self):
+        """``("running_chi2",)``."""
+        return ("running_chi2",)
+
+    def cross_iteration_state_keys(self):
+        """The SMA buffers of chi2 and psi and their iteration tags."""
+        return ("chi2_buffer", "chi2_iters", "psi_buffer", "psi_iters")
+
+    def state_shape_hint(self, key, checkpoint_shape):
+        """SMA buffers have m rows: name the buffer size to set."""
+        if key in self.cross_iteration_state_keys() and checkpoint_shape:
+            m = checkpoint_shape[0]
+            return (f"the checkpoint was trained with buffer size m = {m}, the model has "
+                    f"m = {self.buffer_size} (MODEL.MABN.BUFFER_SIZE); set MODEL.MABN.BUFFER_SIZE {m} "
+                    "to resume it, or delete its chi2_*/psi_* entries to start the moving averages afresh")
+        return None
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,70 +39,32 @@ the norm in an ``nn.Sequential``) is folded into it: ``W'[c] = W[c] * scale[c]``
 (``CycleBatchNormList``) follow a conv shared by all FPN levels with per-level statistics, so
 no single conv can absorb them: they stay as FrozenBatchNorm2d (reported as kept).
 
-Loading: a converted (unfolded) R-CNN checkpoint loads strictly into the model built from the
-training config with every convertible ``NORM`` set to ``"FrozenBN"`` (:func:`frozen_bn_config`).
-:func:`build_inference_model` builds that model and adds what a config cannot express: the
-per-level FrozenBN lists of RetinaNet's head and, for folded checkpoints, the folded structure;
-:func:`load_inference_model` builds and loads strictly in one call.
+Loading converted checkpoints: :mod:`smallbn_d2.deploy.inference_model` (the model they load
+into) and :mod:`smallbn_d2.checkpoint` (strict loading, writing with conversion metadata).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
-from detectron2.config import CfgNode
 from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d
-from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .layers import (
-    CrossIterationBatchNorm2d,
-    IterationNormBase,
-    MovingAverageBatchNorm2d,
-    is_weight_centralized,
-    release_conv_input,
-    remove_weight_centralization,
-)
+from ..layers import IterationNormBase, is_weight_centralized, remove_weight_centralization
 
-__all__ = [
-    "CONVERTIBLE_NORMS",
-    "PER_LEVEL_RETINANET_NORMS",
-    "ConvertedLayer",
-    "convert_to_frozen_bn",
-    "convert_for_inference",
-    "fold_frozen_bn",
-    "frozen_bn_config",
-    "build_inference_model",
-    "load_inference_model",
-    "save_inference_checkpoint",
-    "load_checkpoint_strict",
-    "IncompatibleCheckpointError",
-]
+__all__ = ["FROZEN_EPS", "ConvertedLayer", "convert_to_frozen_bn", "convert_for_inference", "fold_frozen_bn"]
 
 logger = logging.getLogger(__name__)
-
-#: Config ``NORM`` names whose layers :func:`convert_to_frozen_bn` turns into FrozenBatchNorm2d.
-CONVERTIBLE_NORMS = ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "CBN", "NaiveCBN", "MABN")
-#: ``MODEL.RETINANET.NORM`` names that give RetinaNet's head per-level norms (CycleBatchNormList):
-#: Detectron2 does it for "BN"/"SyncBN", smallbn_d2's wiring for "CBN"/"NaiveCBN"/"MABN".
-PER_LEVEL_RETINANET_NORMS = ("BN", "SyncBN", "CBN", "NaiveCBN", "MABN")
-#: Key of the conversion metadata in checkpoints written by :func:`save_inference_checkpoint`.
-METADATA_KEY = "smallbn_d2_conversion"
 
 #: eps of every FrozenBatchNorm2d made here: Detectron2's default, the one ``get_norm("FrozenBN", C)``
 #: gives; a layer's own eps is moved into ``running_var`` (``running_var + FROZEN_EPS = var + eps``).
 FROZEN_EPS = 1e-5
 
 _TORCH_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
-_SOURCES = (CrossIterationBatchNorm2d, MovingAverageBatchNorm2d) + _TORCH_BN + (FrozenBatchNorm2d,)
-
-
-class IncompatibleCheckpointError(RuntimeError):
-    """A checkpoint's keys do not match the model it is loaded into (missing or unexpected keys)."""
-
+_SOURCES = (IterationNormBase,) + _TORCH_BN + (FrozenBatchNorm2d,)
 
 @dataclass
 class ConvertedLayer:
@@ -126,11 +88,8 @@ class ConvertedLayer:
 # ------------------------------------------------------------------------------ conversion
 def _eval_affine(layer: nn.Module, name: str):
     """(mean, var, eps, gamma or None, beta or None) with eval(x) = (x - mean)/sqrt(var + eps)*gamma + beta."""
-    if isinstance(layer, CrossIterationBatchNorm2d):  # NaiveCBN included
-        return layer.running_mean, layer.running_var, layer.eps, layer.weight, layer.bias
-    if isinstance(layer, MovingAverageBatchNorm2d):
-        chi2 = layer.running_chi2
-        return torch.zeros_like(chi2), chi2, layer.eps, layer.weight, layer.bias
+    if isinstance(layer, IterationNormBase):  # CBN, NaiveCBN, MABN: the layer knows its affine
+        return layer.eval_affine()
     if isinstance(layer, FrozenBatchNorm2d):
         return layer.running_mean, layer.running_var, layer.eps, layer.weight, layer.bias
     if isinstance(layer, _TORCH_BN):
@@ -165,12 +124,10 @@ def _frozen(mean, var, eps, gamma, beta, outer_gamma=None, outer_beta=None) -> F
     return frozen
 
 
-def _release_cbn_capture(layer: nn.Module) -> None:
-    """Remove the forward pre-hook by which a CBN layer captured its producing conv's input."""
-    conv = layer.conv if isinstance(layer, IterationNormBase) else None
-    if conv is None:
-        return
-    release_conv_input(conv)
+def _release_conv(layer: nn.Module) -> None:
+    """Undo what a CBN/MABN layer did to its producing conv that inference does not need."""
+    if isinstance(layer, IterationNormBase):
+        layer.release_conv()
 
 
 def _convert_cycle(cycle: CycleBatchNormList, name: str) -> Optional[CycleBatchNormList]:
@@ -187,7 +144,7 @@ def _convert_cycle(cycle: CycleBatchNormList, name: str) -> Optional[CycleBatchN
         new[i] = frozen
     new._pos = cycle._pos  # keep the cycling phase
     for m in inner:
-        _release_cbn_capture(m)
+        _release_conv(m)
     return new
 
 
@@ -208,7 +165,7 @@ def _convert_module(module: nn.Module, name: str, records: List[ConvertedLayer])
         return new
     if isinstance(module, _SOURCES) and not isinstance(module, FrozenBatchNorm2d):
         frozen = _frozen(*_eval_affine(module, name))
-        _release_cbn_capture(module)
+        _release_conv(module)
         records.append(ConvertedLayer(name, type(module).__name__, frozen.num_features, "FrozenBatchNorm2d"))
         return frozen
     for child_name, child in list(module.named_children()):
@@ -340,146 +297,3 @@ def fold_frozen_bn(model: nn.Module) -> List[ConvertedLayer]:
                    if id(module) in cycles else "kept: no directly preceding conv")
             records.append(ConvertedLayer(name, "FrozenBatchNorm2d", module.num_features, why))
     return records
-
-
-# ------------------------------------------------------------------------------ configs / loading
-def frozen_bn_config(cfg: CfgNode) -> CfgNode:
-    """A copy of ``cfg`` with every ``NORM`` key whose value is in :data:`CONVERTIBLE_NORMS` set to
-    ``"FrozenBN"`` (e.g. ``MODEL.RESNETS.NORM``, ``MODEL.FPN.NORM``, ``MODEL.ROI_BOX_HEAD.NORM``,
-    ``MODEL.ROI_MASK_HEAD.NORM``, ``MODEL.RETINANET.NORM``). Other norms (GN, "") are kept.
-
-    Args:
-        cfg: a Detectron2 config (not modified).
-    Returns:
-        a new, unfrozen ``CfgNode``.
-    """
-    out = cfg.clone()
-    out.defrost()
-
-    def walk(node: CfgNode) -> None:
-        for key, value in node.items():
-            if isinstance(value, CfgNode):
-                walk(value)
-            elif key == "NORM" and value in CONVERTIBLE_NORMS:
-                node[key] = "FrozenBN"
-
-    walk(out)
-    return out
-
-
-def _per_level_frozen_retinanet(model: nn.Module) -> None:
-    for head in model.modules():
-        if not isinstance(head, RetinaNetHead):
-            continue
-        for subnet in (head.cls_subnet, head.bbox_subnet):
-            for i, module in enumerate(subnet):
-                if isinstance(module, FrozenBatchNorm2d):
-                    C = module.num_features
-                    cycle = CycleBatchNormList(length=head._num_features, num_features=C, affine=False,
-                                               bn_class=lambda num_features, affine: FrozenBatchNorm2d(num_features))
-                    subnet[i] = cycle.to(module.running_mean.device)
-
-
-def build_inference_model(cfg: CfgNode, fold: bool = False) -> nn.Module:
-    """Build the model that a checkpoint converted from a model of ``cfg`` loads into, strictly.
-
-    The model of :func:`frozen_bn_config` (``cfg``'s norms as FrozenBN); if
-    ``cfg.MODEL.RETINANET.NORM`` gives per-level norms (:data:`PER_LEVEL_RETINANET_NORMS`), the
-    FrozenBN layers of RetinaNet's head become per-level lists, as conversion makes them; with
-    ``fold=True`` the folded structure of :func:`fold_frozen_bn` (parameter values are
-    placeholders until the checkpoint is loaded). Weights are not loaded; the model is in eval
-    mode on ``cfg.MODEL.DEVICE``.
-
-    Args:
-        cfg: the training config of the converted model (with smallbn_d2's keys).
-        fold: whether the checkpoint was converted with ``fold=True``.
-    Returns:
-        the model.
-    """
-    from .modeling import build_model
-
-    per_level = cfg.MODEL.META_ARCHITECTURE == "RetinaNet" and cfg.MODEL.RETINANET.NORM in PER_LEVEL_RETINANET_NORMS
-    model = build_model(frozen_bn_config(cfg))
-    if per_level:
-        _per_level_frozen_retinanet(model)
-    if fold:
-        fold_frozen_bn(model)
-    return model.eval()
-
-
-def save_inference_checkpoint(model: nn.Module, path: str, fold: bool, overwrite: bool = False) -> None:
-    """Write ``model`` as a Detectron2 checkpoint (``{"model": state_dict, ...}``, loadable by
-    ``DetectionCheckpointer``) with the conversion metadata ``{"fold": fold}``.
-
-    Unlike ``DetectionCheckpointer.save`` it writes no ``last_checkpoint`` file, so converting
-    into a training output directory cannot redirect a later ``--resume``.
-
-    Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
-    """
-    from detectron2.utils.file_io import PathManager
-
-    if PathManager.exists(path) and not overwrite:
-        raise FileExistsError(f"{path!r} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
-    data = {"model": model.state_dict(), METADATA_KEY: {"fold": bool(fold)}}
-    with PathManager.open(path, "wb") as f:
-        torch.save(data, f)
-
-
-def load_checkpoint_strict(model: nn.Module, path: str) -> Dict:
-    """Load a Detectron2 checkpoint into ``model`` with ``DetectionCheckpointer``, strictly.
-
-    Args:
-        model: the model.
-        path: a ``.pth``/``.pkl`` checkpoint (or any path Detectron2's PathManager resolves).
-    Returns:
-        the checkpoint's other entries (e.g. ``"iteration"``, the conversion metadata).
-    Raises:
-        IncompatibleCheckpointError: missing or unexpected keys, or entries of another shape
-            (Detectron2 only logs these).
-    """
-    from detectron2.checkpoint import DetectionCheckpointer
-
-    checkpointer = DetectionCheckpointer(model)
-    checkpoint = checkpointer._load_file(path)
-    incompatible = checkpointer._load_model(checkpoint)
-    missing = list(getattr(incompatible, "missing_keys", []))
-    unexpected = list(getattr(incompatible, "unexpected_keys", []))
-    shapes = [k for k, *_ in getattr(incompatible, "incorrect_shapes", [])]
-    if missing or unexpected or shapes:
-        def show(keys):
-            return f"{keys[:8]}{' ...' if len(keys) > 8 else ''}"
-
-        raise IncompatibleCheckpointError(
-            f"{path!r} does not match the model: missing keys {show(missing)}, unexpected keys "
-            f"{show(unexpected)}, keys of another shape {show(shapes)}. Is it a checkpoint of a model of this "
-            "config (for a converted checkpoint: with the fold setting it was converted with)?"
-        )
-    checkpoint.pop("model", None)
-    return checkpoint
-
-
-def load_inference_model(cfg: CfgNode, weights: str, fold: Optional[bool] = None) -> nn.Module:
-    """Build :func:`build_inference_model` and load a converted checkpoint into it, strictly.
-
-    Args:
-        cfg: the training config of the converted model.
-        weights: path of the converted checkpoint.
-        fold: whether it is folded; None reads it from the checkpoint's metadata (written by
-            :func:`save_inference_checkpoint`).
-    Returns:
-        the model in eval mode.
-    Raises:
-        ValueError: ``fold`` is None and the checkpoint has no conversion metadata.
-        IncompatibleCheckpointError: missing or unexpected keys.
-    """
-    from detectron2.checkpoint import DetectionCheckpointer
-
-    if fold is None:
-        meta = DetectionCheckpointer(nn.Module())._load_file(weights).get(METADATA_KEY)
-        if meta is None:
-            raise ValueError(f"{weights!r} has no {METADATA_KEY!r} metadata; pass fold=True or fold=False")
-        fold = bool(meta["fold"])
-    model = build_inference_model(cfg, fold=fold)
-    load_checkpoint_strict(model, weights)
-    return model.eval()
