@@ -28,6 +28,7 @@ from typing import ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .hyperparameters import POSITIVE, Range
 
@@ -68,6 +69,10 @@ class IterationNormBase(nn.Module):
             self.register_parameter("bias", None)
         self.iteration: Optional[int] = None
         self.__dict__["_producer_conv"] = None
+        # watch for training steps without an advancing iteration (see _watch_iteration)
+        self._seen_iteration: Optional[int] = None
+        self._seen_weight_version: Optional[int] = None
+        self._stale_steps = 0
 
     def _check(self, name: str, value):
         """``value`` checked against ``HYPERPARAMETERS[name]`` (ValueError naming ``name``)."""
@@ -86,14 +91,50 @@ class IterationNormBase(nn.Module):
             raise ValueError(f"iteration = {iteration!r} is invalid; allowed: an integer >= 0")
         self.iteration = iteration
 
+    #: Training steps (producing-conv weight updates) at one unchanged iteration before an error.
+    STALE_STEPS_ALLOWED: ClassVar[int] = 1
+
     def _require_iteration(self) -> int:
+        """The iteration of a training forward; raises if none is set or it stopped advancing."""
         if self.iteration is None:
             raise NormNotWiredError(
                 f"{type(self).__name__} is training but no trainer iteration was set: train with "
                 "smallbn_d2's Trainer (its NormIterationHook sets it before every step) or call "
                 "smallbn_d2.set_norm_iteration(model, iteration) yourself before each step."
             )
+        if not torch.compiler.is_compiling():
+            self._watch_iteration()
         return self.iteration
+
+    def _watch_iteration(self) -> None:
+        """Catch training whose iteration does not advance (``set_norm_iteration`` called once).
+
+        Within one iteration the producing conv's weight does not change, however often the layer
+        runs (several forwards, gradient accumulation); an optimizer step changes it in place,
+        which bumps the parameter's version counter (a Python int: no host synchronization). A
+        training forward that finds the weight updated since the previous one at the same
+        iteration is a stale step; more than :attr:`STALE_STEPS_ALLOWED` in a row (one is allowed:
+        loading a checkpoint also writes the weight) raise :class:`NormNotWiredError`, which
+        would otherwise train silently with a window that never fills (CBN) or warm-ups that
+        never end (MABN).
+        """
+        conv = self.conv
+        if conv is None:
+            return
+        weight = conv.parametrizations.weight.original if parametrize.is_parametrized(conv, "weight") else conv.weight
+        version = weight._version
+        if self.iteration == self._seen_iteration and version != self._seen_weight_version:
+            self._stale_steps += 1
+            if self._stale_steps > self.STALE_STEPS_ALLOWED:
+                raise NormNotWiredError(
+                    f"{type(self).__name__}: the trainer iteration stayed at {self.iteration} while the "
+                    f"producing conv's weight was updated {self._stale_steps} times: the iteration must "
+                    "advance with training. Call smallbn_d2.set_norm_iteration(model, iteration) before "
+                    "every training step (smallbn_d2's Trainer and NormIterationHook do it), not once."
+                )
+        elif self.iteration != self._seen_iteration:
+            self._stale_steps = 0
+        self._seen_iteration, self._seen_weight_version = self.iteration, version
 
     # ------------------------------------------------------------------ producing conv
     @property
