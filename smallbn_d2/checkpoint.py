@@ -45,9 +45,12 @@ and ``tools/train_net.py``). Saving is Detectron2's, unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -58,7 +61,8 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from .layers import IterationNormBase
 
-__all__ = ["NormStateShapeError", "convert_norm_state_dict", "NormCheckpointer", "IncompatibleCheckpointError",
+__all__ = ["NormStateShapeError", "convert_norm_state_dict", "NormCheckpointer", "AtomicPathManager",
+           "IncompatibleCheckpointError",
            "save_inference_checkpoint", "load_checkpoint_strict", "read_conversion_metadata", "METADATA_KEY"]
 
 logger = logging.getLogger(__name__)
@@ -182,14 +186,35 @@ class NormCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` that loads across norms into CBN/MABN models and raises
     :class:`NormStateShapeError` on mis-shaped CBN/MABN entries (see the module docstring).
 
-    Same constructor, saving and ``resume_or_load`` as Detectron2's. Loading applies, in order:
+    Same constructor and ``resume_or_load`` as Detectron2's. Loading applies, in order:
     Detectron2's name-matching heuristics for ``.pkl``/``.pyth`` model-zoo files (with MABN
     layers exposing virtual ``running_mean``/``running_var`` keys, so that ImageNet BN
     statistics find them), then :func:`convert_norm_state_dict`, then fvcore's loading.
 
+    Saving is Detectron2's with two differences:
+
+    * **Atomic files.** Every checkpoint and ``last_checkpoint`` is written to a temporary file in
+      the same directory, flushed to disk and renamed over the target (:class:`AtomicPathManager`).
+      A process killed at any moment leaves either the old or the new file complete, and
+      ``last_checkpoint`` always names a complete checkpoint; ``--resume`` continues from it.
+    * **Small final models.** A checkpoint whose name ends in ``_final`` (``model_final.pth``)
+      leaves out the layers' cross-iteration state (CBN's window of statistics gradients, MABN's
+      moving-average buffers: ``cross_iteration_state_keys``), which inference and fine-tuning do
+      not need (loading it starts them afresh); periodic checkpoints keep it for exact resume.
+
     Raises (from ``load``/``resume_or_load``):
         NormStateShapeError: as :func:`convert_norm_state_dict`.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.path_manager = AtomicPathManager(self.path_manager)
+
+    def save(self, name: str, **kwargs) -> None:
+        """Detectron2's ``save`` (atomic); ``*_final`` without cross-iteration state."""
+        context = _without_cross_iteration_state(self.model) if name.endswith("_final") else contextlib.nullcontext()
+        with context:
+            super().save(name, **kwargs)
 
     def _load_model(self, checkpoint):
         state = checkpoint["model"]
@@ -210,6 +235,72 @@ class NormCheckpointer(DetectionCheckpointer):
             self.logger.info(f"Loading across norms: {line}")
         checkpoint["model"] = state
         return super()._load_model(checkpoint)
+
+
+# ------------------------------------------------------------------------------ saving
+class _AtomicFile:
+    """Context manager: a file object on a temporary path, renamed to ``path`` on a clean exit."""
+
+    def __init__(self, path: str, mode: str):
+        self.path, self.mode = path, mode
+
+    def __enter__(self):
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=directory)
+        self.file = os.fdopen(fd, self.mode)
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            self.file.close()
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+
+
+class AtomicPathManager:
+    """A PathManager whose ``open`` for writing on a local path writes atomically (temporary file in
+    the same directory + ``os.replace``); everything else is delegated to the wrapped one.
+
+    A kill during the write leaves the target as it was and a hidden ``.<name>.*.partial`` file,
+    which nothing loads.
+    """
+
+    def __init__(self, wrapped):
+        self._wrapped = wrapped
+
+    def open(self, path: str, mode: str = "r", **kwargs):
+        """Atomic for local write modes ("w", "wb"); otherwise the wrapped manager's ``open``."""
+        if "://" not in path and mode in ("w", "wb") and not kwargs:
+            return _AtomicFile(path, mode)
+        return self._wrapped.open(path, mode, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._wrapped, name)
+
+
+@contextlib.contextmanager
+def _without_cross_iteration_state(model: nn.Module) -> Iterator[None]:
+    """While active, ``model.state_dict()`` omits every layer's cross-iteration state."""
+    handles = []
+
+    def drop(module, state_dict, prefix, local_metadata):
+        for key in module.cross_iteration_state_keys():
+            state_dict.pop(prefix + key, None)
+
+    for module in model.modules():
+        if isinstance(module, IterationNormBase):
+            handles.append(module._register_state_dict_hook(drop))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ------------------------------------------------------------------------------ converted checkpoints
