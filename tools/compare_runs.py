@@ -2,13 +2,14 @@
 """Compare training runs of tools/train_net.py: Markdown tables and PNG plots.
 
     python tools/compare_runs.py OUTPUT_DIR [OUTPUT_DIR ...] [--names N1 N2 ...] [--published]
-        [--out-dir DIR] [--overwrite]
+        [--output-dir DIR] [--overwrite]
 
 Prints one Markdown table per task (box AP, mask AP) with AP, AP50, AP75, APs, APm, APl, training
 s/iter, peak memory, inference s/image, and the norm and images per GPU of each run (from its
 config.yaml and log.txt); ``--published`` adds the papers' numbers as rows labelled "published".
 Writes ``ap_vs_iter.png`` and ``loss_curves.png`` (and the table as ``comparison.md``) to
-``--out-dir`` (default ``compare_runs``), refusing to overwrite them without ``--overwrite``.
+``--output-dir`` (default ``compare_runs``; ``--out-dir``, its former name, still works), refusing
+to overwrite them without ``--overwrite``.
 Reading: :mod:`smallbn_d2.utils.run_metrics`; tables and plots: :mod:`smallbn_d2.utils.compare`.
 """
 import argparse
@@ -24,15 +25,17 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", help="OUTPUT_DIRs of tools/train_net.py")
     parser.add_argument("--names", nargs="+", help="labels of the runs (default: directory names)")
     parser.add_argument("--published", action="store_true", help="add the published numbers as reference rows")
-    parser.add_argument("--out-dir", default="compare_runs", help="where to write the plots and comparison.md")
-    parser.add_argument("--overwrite", action="store_true", help="overwrite plots / comparison.md in --out-dir")
+    parser.add_argument("--output-dir", default="compare_runs", help="where to write the plots and comparison.md")
+    # deprecated spelling of --output-dir, kept so that old commands work; not shown in --help
+    parser.add_argument("--out-dir", dest="output_dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_argument("--overwrite", action="store_true", help="overwrite plots / comparison.md in --output-dir")
     args = parser.parse_args(argv)
     if args.names and len(args.names) != len(args.runs):
         parser.error(f"--names has {len(args.names)} labels for {len(args.runs)} runs; give one per run")
     names = args.names or [os.path.basename(os.path.normpath(r)) for r in args.runs]
     if len(set(names)) != len(names):  # same directory names: label by the last two path parts
         names = [os.path.join(*os.path.normpath(os.path.abspath(r)).split(os.sep)[-2:]) for r in args.runs]
-    files = [os.path.join(args.out_dir, f) for f in ("comparison.md", "ap_vs_iter.png", "loss_curves.png")]
+    files = [os.path.join(args.output_dir, f) for f in ("comparison.md", "ap_vs_iter.png", "loss_curves.png")]
     try:
         ensure_new_files(files, args.overwrite)
         runs = [load_run(d, n) for d, n in zip(args.runs, names)]
@@ -41,7 +44,7 @@ def main(argv=None):
 
     text = comparison_markdown(runs, published=args.published)
     print(text)
-    os.makedirs(args.out_dir, exist_ok=True)
+    os.makedirs(args.output_dir, exist_ok=True)
     with open(files[0], "w") as f:
         f.write(text)
     for plot, path in ((plot_ap, files[1]), (plot_losses, files[2])):

@@ -36,8 +36,9 @@ channels, averaged over the probe iterations. With k = 1 all estimators equal th
 
 Outputs (in ``--output-dir``): ``cbn_statistics.md`` (Markdown tables, also printed: averaged over
 the probes per (layer, k), and per probe at k = K), ``cbn_statistics.png`` (error vs k per
-estimator), ``cbn_statistics.json`` (all numbers per probe). Existing outputs are not overwritten
-unless ``--overwrite`` is given.
+estimator), ``cbn_statistics.json`` (all numbers per probe). A non-empty ``--output-dir`` is
+refused unless ``--overwrite`` is given. The training set-up, the command line and the output
+handling shared with MABNStatistics are in :mod:`smallbn_d2.utils.diagnostics`.
 
 Usage (from the repository root)::
 
@@ -45,12 +46,8 @@ Usage (from the repository root)::
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import math
 import os
-import sys
 import time
 from collections import deque
 from typing import Dict, List, Optional, Sequence
@@ -59,9 +56,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import smallbn_d2
-from smallbn_d2.engine import load_config
 from smallbn_d2.layers.cbn_grad import check_supported_conv, stat_grads_closed_form
+from smallbn_d2.utils.diagnostics import (
+    add_common_options,
+    check_finite_loss,
+    diagnostic_parser,
+    log_progress,
+    preserved_buffers,
+    pyplot,
+    relative_error,
+    run_and_write,
+    save_outputs,
+    setup_training,
+    train_loader,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "test", "tiny-mask_rcnn.yaml")
@@ -69,7 +77,6 @@ DEFAULT_CONFIG = os.path.join(REPO, "configs", "test", "tiny-mask_rcnn.yaml")
 DEFAULT_LAYERS = ("backbone.bottom_up.res3.0.conv1", "backbone.fpn_output3", "roi_heads.box_head.conv2")
 ESTIMATORS = ("BN", "Naive", "CBN", "Own-conv")
 OUTPUT_FILES = ("cbn_statistics.md", "cbn_statistics.png", "cbn_statistics.json")
-NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
 
 logger = logging.getLogger("cbn_statistics")
 
@@ -112,7 +119,8 @@ class ConvRecorder:
         self._handle.remove()
 
 
-def conv_stats(conv: nn.Conv2d, u: torch.Tensor, weight=None, bias=None, grads: bool = False) -> Dict:
+def conv_stats(conv: nn.Conv2d, u: torch.Tensor, weight=None, bias=None, grads: bool = False,
+               grad_subsample: int = 1) -> Dict:
     """Per-channel mu = E[x], nu = E[x^2] of x = conv(u) in float64, optionally with their gradients.
 
     Args:
@@ -121,6 +129,8 @@ def conv_stats(conv: nn.Conv2d, u: torch.Tensor, weight=None, bias=None, grads: 
         weight, bias: the parameters to use (default: the conv's current ones).
         grads: also return ``g_mu`` (G, C_in/G, kh, kw) and ``g_nu`` (C, C_in/G, kh, kw) from
             :func:`stat_grads_closed_form` (METHODS.md CBN item 5).
+        grad_subsample: its ``subsample`` (1: exact; s > 1: d nu / d theta from about 1/s of the
+            output positions, ``MODEL.CBN.GRAD_SUBSAMPLE``).
     Returns:
         dict with float64 ``mu``, ``nu`` (C,) [and ``g_mu``, ``g_nu``].
     """
@@ -132,7 +142,7 @@ def conv_stats(conv: nn.Conv2d, u: torch.Tensor, weight=None, bias=None, grads: 
         x = F.conv2d(u64, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
         out = {"mu": x.mean(dim=(0, 2, 3)), "nu": x.pow(2).mean(dim=(0, 2, 3))}
         if grads:
-            g = stat_grads_closed_form(conv, u64, x)
+            g = stat_grads_closed_form(conv, u64, x, subsample=grad_subsample)
             out["g_mu"], out["g_nu"] = g.mu_weight, g.nu_weight
     return out
 
@@ -194,51 +204,7 @@ def window_estimates(current: Dict, previous: Sequence[Dict], truth_prev: Sequen
     return out
 
 
-def relative_error(estimate: torch.Tensor, truth: torch.Tensor) -> float:
-    """||estimate - truth||_2 / ||truth||_2 over the channels (shape (C,) each); inf if ||truth|| = 0."""
-    den = float(truth.detach().norm())
-    num = float((estimate - truth).detach().norm())
-    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
-
-
 # ---------------------------------------------------------------------------------- training
-def _snapshot_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
-    return {n: b.detach().clone() for n, b in model.named_buffers()}
-
-
-def _restore_buffers(model: nn.Module, saved: Dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for n, b in model.named_buffers():
-            b.copy_(saved[n])
-
-
-def build_config(config_file: str, iters: int, lr: Optional[float] = None, opts: Sequence[str] = ()):
-    """The detector config: ``config_file`` with BN in backbone, FPN and heads, then ``opts``.
-
-    ``SOLVER.MAX_ITER`` becomes ``iters`` (the LR schedule's steps from the file are kept if they
-    fall inside, dropped otherwise); data loading in the main process (``NUM_WORKERS 0``).
-    """
-    overrides = []
-    for key in NORM_KEYS:
-        overrides += [key, "BN"]
-    cfg = load_config(config_file, overrides + ["DATALOADER.NUM_WORKERS", 0] + list(opts))
-    cfg.SOLVER.MAX_ITER = iters
-    if lr is not None:
-        cfg.SOLVER.BASE_LR = float(lr)
-    cfg.SOLVER.STEPS = tuple(s for s in cfg.SOLVER.STEPS if s < iters)
-    return cfg
-
-
-def train_loader(cfg, batch_size: int, seed: int):
-    """An infinite Detectron2 training loader over ``cfg.DATASETS.TRAIN`` with a seeded sampler."""
-    from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
-    from detectron2.data.samplers import TrainingSampler
-
-    dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-    return build_detection_train_loader(cfg, dataset=dataset, sampler=TrainingSampler(len(dataset), seed=seed),
-                                        total_batch_size=batch_size, num_workers=0)
-
-
 def resolve_convs(model: nn.Module, names: Sequence[str]) -> List[ConvRecorder]:
     """Recorders for the convs ``names`` of ``model``.
 
@@ -258,7 +224,7 @@ def resolve_convs(model: nn.Module, names: Sequence[str]) -> List[ConvRecorder]:
 
 def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYERS, iters: int = 60,
         probe_every: int = 10, max_window: int = 8, lr: Optional[float] = 0.02, seed: int = 0,
-        opts: Sequence[str] = ()) -> Dict:
+        opts: Sequence[str] = (), grad_subsample: int = 1) -> Dict:
     """Train and probe (see the module docstring).
 
     Args:
@@ -272,17 +238,16 @@ def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYER
             steps (those below ``iters``) apply.
         seed: torch/numpy seed and data order seed.
         opts: further ``KEY VALUE`` config overrides.
+        grad_subsample: s of CBN's d nu / d theta (1: exact; see :func:`conv_stats`).
     Returns:
         dict with ``config``, ``layers``, ``probes`` (iteration numbers), ``losses`` (total loss
         per iteration), ``errors[layer][estimator]["mean"|"var"]`` = list over k of the relative
         error averaged over probes, and ``per_probe`` (the same per probe).
     Raises:
-        ValueError: invalid ``iters``, ``probe_every``, ``max_window`` (naming the value).
+        ValueError: invalid ``iters``, ``probe_every``, ``max_window``, ``lr`` (naming the value).
         FloatingPointError: the training loss became non-finite.
     """
-    from detectron2.solver import build_lr_scheduler, build_optimizer
     from detectron2.utils.events import EventStorage
-    from detectron2.utils.env import seed_all_rng
 
     if not isinstance(max_window, int) or max_window < 1:
         raise ValueError(f"max_window = {max_window!r} is invalid; allowed: an integer >= 1")
@@ -295,15 +260,8 @@ def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYER
         raise ValueError(f"no probe iteration: probe_every = {probe_every} and max_window = {max_window} leave none "
                          f"below iters = {iters}; allowed: probe_every < iters and iters > max_window")
 
-    seed_all_rng(seed)
-    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr = {lr!r} is invalid; allowed: None (the config's SOLVER.BASE_LR) or a number > 0")
-    cfg = build_config(config_file, iters, lr, opts)
-    model = smallbn_d2.build_model(cfg)
-    model.train()
+    cfg, model, optimizer, scheduler = setup_training(config_file, iters, lr, seed, opts)
     recorders = resolve_convs(model, layers)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_lr_scheduler(cfg, optimizer)
     data = iter(train_loader(cfg, cfg.SOLVER.IMS_PER_BATCH, seed))
 
     def forward(batch, rng_state=None):
@@ -329,11 +287,10 @@ def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYER
             rng = torch.get_rng_state()
             losses, inputs = forward(batch)
             total = sum(losses.values())
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"training loss is {float(total)} at iteration {t}; lower SOLVER.BASE_LR")
+            check_finite_loss(total, t)
             records = []
             for r, u in zip(recorders, inputs):
-                rec = conv_stats(r.conv, u, grads=max_window > 1)
+                rec = conv_stats(r.conv, u, grads=max_window > 1, grad_subsample=grad_subsample)
                 rec["weight"] = r.conv.weight.detach().double().clone()
                 rec["bias"] = None if r.conv.bias is None else r.conv.bias.detach().double().clone()
                 rec["input"] = u
@@ -349,9 +306,7 @@ def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYER
             loss_log.append(float(total.detach()))
             if max_window > 1:
                 history.append({"batch": batch, "rng": rng, "layers": records})
-            if t % 10 == 0 or t == iters - 1:
-                logger.info(f"iter {t}/{iters}: loss {loss_log[-1]:.3f}, lr {optimizer.param_groups[0]['lr']:.4g}, "
-                            f"{time.perf_counter() - start:.0f} s")
+            log_progress(logger, t, iters, loss_log[-1], optimizer, start)
     for r in recorders:
         r.remove()
 
@@ -366,15 +321,11 @@ def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYER
 
 def _probe(t, model, recorders, current_records, history, forward) -> Dict:
     """Re-run the previous batches with the current weights and compute every estimator's error."""
-    saved = _snapshot_buffers(model)
     truth = []  # per previous iteration (newest first): list over layers of {"mu","nu"}
-    try:
-        with torch.no_grad():
-            for entry in reversed(history):
-                _, inputs = forward(entry["batch"], entry["rng"])
-                truth.append([conv_stats(r.conv, u) for r, u in zip(recorders, inputs)])
-    finally:
-        _restore_buffers(model, saved)
+    with preserved_buffers(model), torch.no_grad():
+        for entry in reversed(history):
+            _, inputs = forward(entry["batch"], entry["rng"])
+            truth.append([conv_stats(r.conv, u) for r, u in zip(recorders, inputs)])
     out = {"iteration": t, "errors": {}}
     for i, r in enumerate(recorders):
         previous = [entry["layers"][i] for entry in reversed(history)]
@@ -423,11 +374,7 @@ def format_probe_table(result: Dict) -> str:
 
 def plot(result: Dict, path: str) -> None:
     """Save a PNG: rows mean/variance, one column per layer, relative error vs k per estimator."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     layers = result["layers"]
     ks = list(range(1, result["max_window"] + 1))
     fig, axes = plt.subplots(2, len(layers), figsize=(4.2 * len(layers), 6.5), squeeze=False)
@@ -450,65 +397,36 @@ def plot(result: Dict, path: str) -> None:
     plt.close(fig)
 
 
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Raise ``FileExistsError`` if ``output_dir`` already holds one of :data:`OUTPUT_FILES`."""
-    existing = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(output_dir, f))]
-    if existing and not overwrite:
-        raise FileExistsError(f"{output_dir!r} already holds {', '.join(existing)}; choose another --output-dir "
-                              "or pass --overwrite")
-
-
 def write_outputs(result: Dict, output_dir: str) -> str:
-    """Write the table, plot and JSON to ``output_dir``; return the table."""
-    os.makedirs(output_dir, exist_ok=True)
+    """Write the tables, plot and JSON (:data:`OUTPUT_FILES`) to ``output_dir``; return the tables."""
     K = result["max_window"]
     table = (f"Relative errors averaged over the probes at iterations {result['probes']}:\n\n" + format_table(result)
              + f"\n\nPer probe iteration, window size k = {K}:\n\n" + format_probe_table(result))
-    with open(os.path.join(output_dir, "cbn_statistics.md"), "w") as f:
-        f.write(table + "\n")
-    plot(result, os.path.join(output_dir, "cbn_statistics.png"))
-    with open(os.path.join(output_dir, "cbn_statistics.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    save_outputs(result, output_dir, "cbn_statistics", table,
+                 lambda d: plot(result, os.path.join(d, "cbn_statistics.png")))
     return table
 
 
-def _names(text: str) -> List[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"{text!r} names no layer; allowed: comma-separated module names")
-    return names
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config-file", default=DEFAULT_CONFIG, help="detector config (BN is set in backbone, FPN, heads)")
-    p.add_argument("--layers", type=_names, default=list(DEFAULT_LAYERS),
-                   help="comma-separated qualified names of convs to probe")
-    p.add_argument("--iters", type=int, default=60, help="training iterations")
+    """The command line (``--help``)."""
+    p = diagnostic_parser(__doc__.split("\n\n")[0], DEFAULT_CONFIG, DEFAULT_LAYERS,
+                          "comma-separated qualified names of convs to probe")
     p.add_argument("--probe-every", type=int, default=10, help="probe every this many iterations")
     p.add_argument("--max-window", type=int, default=8, help="largest window size k")
-    p.add_argument("--lr", type=float, default=0.02, help="SGD base learning rate (overrides SOLVER.BASE_LR; "
-                   "0.02 as in configs/quick)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default="output/cbn_statistics")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --output-dir")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    add_common_options(p, "output/cbn_statistics")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> Dict:
-    """Command-line entry point; returns the result dict (see :func:`run`)."""
+    """Command-line entry point; returns the result dict (see :func:`run`).
+
+    Raises:
+        OutputDirExistsError: ``--output-dir`` is not empty and ``--overwrite`` was not given.
+    """
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    check_output_dir(args.output_dir, args.overwrite)
-    result = run(args.config_file, args.layers, args.iters, args.probe_every, args.max_window, args.lr, args.seed,
-                 args.opts)
-    result["command"] = " ".join([os.path.relpath(__file__, REPO)] + (sys.argv[1:] if argv is None else list(argv)))
-    result["torch"] = torch.__version__
-    result["threads"] = torch.get_num_threads()
-    table = write_outputs(result, args.output_dir)
-    print(table)
+    result = run_and_write(args, lambda a: run(a.config_file, a.layers, a.iters, a.probe_every, a.max_window, a.lr,
+                                               a.seed, a.opts),
+                           write_outputs, os.path.relpath(__file__, REPO), argv)
     print(f"\nprobes at iterations {result['probes']}; {result['seconds']:.0f} s; outputs in {args.output_dir}")
     return result
 

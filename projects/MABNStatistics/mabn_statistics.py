@@ -29,7 +29,9 @@ included). Relative error ||s - s_large||_2 / ||s_large||_2 over channels, avera
 Outputs (in ``--output-dir``): ``mabn_statistics.md`` (Markdown table, also printed),
 ``mabn_statistics.png`` (the norm ||s||_2 of each statistic over iterations: small batch, SMA,
 large batch; as the paper's figures), ``mabn_statistics_error.png`` (relative errors at the
-probes), ``mabn_statistics.json``. Existing outputs are not overwritten unless ``--overwrite``.
+probes), ``mabn_statistics.json``. A non-empty ``--output-dir`` is refused unless ``--overwrite``.
+The training set-up, the command line and the output handling shared with CBNStatistics are in
+:mod:`smallbn_d2.utils.diagnostics`.
 
 Usage (from the repository root)::
 
@@ -37,12 +39,9 @@ Usage (from the repository root)::
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import os
-import sys
 import time
 from collections import deque
 from typing import Dict, List, Optional, Sequence
@@ -50,8 +49,19 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-import smallbn_d2
-from smallbn_d2.engine import load_config
+from smallbn_d2.utils.diagnostics import (
+    add_common_options,
+    check_finite_loss,
+    diagnostic_parser,
+    log_progress,
+    preserved_buffers,
+    pyplot,
+    relative_error,
+    run_and_write,
+    save_outputs,
+    setup_training,
+    train_loader,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "test", "tiny-mask_rcnn.yaml")
@@ -63,7 +73,6 @@ FORWARD = ("mu", "sigma2", "chi2")
 LABELS = {"mu": "mu = E[x]", "sigma2": "sigma^2 = Var[x]", "chi2": "chi^2 = E[x^2]", "g": "g = E[g_hat]",
           "Psi": "Psi = E[y_hat g_hat]", "psi": "psi = E[z g_hat]"}
 OUTPUT_FILES = ("mabn_statistics.md", "mabn_statistics.png", "mabn_statistics_error.png", "mabn_statistics.json")
-NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
 
 logger = logging.getLogger("mabn_statistics")
 
@@ -146,37 +155,7 @@ def batch_statistics(x: torch.Tensor, grad_y: torch.Tensor, gamma: torch.Tensor,
             "Psi": (y_hat * g_hat).mean(dim=dims), "psi": (z * g_hat).mean(dim=dims)}
 
 
-def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
-    """||estimate - reference||_2 / ||reference||_2 over channels; inf if ||reference|| = 0."""
-    den = float(reference.norm())
-    num = float((estimate - reference).norm())
-    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
-
-
 # ---------------------------------------------------------------------------------- training
-def build_config(config_file: str, iters: int, lr: Optional[float] = None, opts: Sequence[str] = ()):
-    """``config_file`` with BN in backbone, FPN and heads, ``SOLVER.MAX_ITER = iters``, then ``opts``."""
-    overrides = []
-    for key in NORM_KEYS:
-        overrides += [key, "BN"]
-    cfg = load_config(config_file, overrides + ["DATALOADER.NUM_WORKERS", 0] + list(opts))
-    cfg.SOLVER.MAX_ITER = iters
-    if lr is not None:
-        cfg.SOLVER.BASE_LR = float(lr)
-    cfg.SOLVER.STEPS = tuple(s for s in cfg.SOLVER.STEPS if s < iters)
-    return cfg
-
-
-def train_loader(cfg, batch_size: int, seed: int):
-    """An infinite Detectron2 training loader over ``cfg.DATASETS.TRAIN`` with a seeded sampler."""
-    from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
-    from detectron2.data.samplers import TrainingSampler
-
-    dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-    return build_detection_train_loader(cfg, dataset=dataset, sampler=TrainingSampler(len(dataset), seed=seed),
-                                        total_batch_size=batch_size, num_workers=0)
-
-
 def resolve_norms(model: nn.Module, names: Sequence[str]) -> List[NormRecorder]:
     """Recorders for the BN layers ``names`` (a conv's name selects its ``.norm``).
 
@@ -227,8 +206,6 @@ def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYER
         ValueError: invalid arguments (naming the value and the allowed range).
         FloatingPointError: the training loss became non-finite.
     """
-    from detectron2.solver import build_lr_scheduler, build_optimizer
-    from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import EventStorage
 
     if not isinstance(buffer_size, int) or buffer_size < 1:
@@ -239,19 +216,12 @@ def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYER
     if not probes:
         raise ValueError(f"iters = {iters!r} is invalid; allowed: an integer >= buffer_size ({buffer_size})")
 
-    seed_all_rng(seed)
-    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr = {lr!r} is invalid; allowed: None (the config's SOLVER.BASE_LR) or a number > 0")
-    cfg = build_config(config_file, iters, lr, opts)
+    cfg, model, optimizer, scheduler = setup_training(config_file, iters, lr, seed, opts)
     small = cfg.SOLVER.IMS_PER_BATCH
     if not isinstance(large_batch, int) or large_batch <= small:
         raise ValueError(f"large_batch = {large_batch!r} is invalid; allowed: an integer > SOLVER.IMS_PER_BATCH ({small})")
-    model = smallbn_d2.build_model(cfg)
-    model.train()
     recorders = resolve_norms(model, layers)
     names = [r.name for r in recorders]
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_lr_scheduler(cfg, optimizer)
     small_data = iter(train_loader(cfg, small, seed))
     large_data = iter(train_loader(cfg, large_batch, seed + 1))
 
@@ -285,14 +255,10 @@ def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYER
             storage.iter = t
             large_stats = None
             if t in probes:  # the reference: same weights, no optimizer step, BN buffers restored
-                saved = {n: b.detach().clone() for n, b in model.named_buffers()}
-                _, large_stats = step(next(large_data))
-                with torch.no_grad():
-                    for n, b in model.named_buffers():
-                        b.copy_(saved[n])
+                with preserved_buffers(model):
+                    _, large_stats = step(next(large_data))
             total, stats = step(next(small_data))
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"training loss is {float(total)} at iteration {t}; lower SOLVER.BASE_LR")
+            check_finite_loss(total, t)
             optimizer.step()
             scheduler.step()
             losses.append(float(total))
@@ -308,9 +274,7 @@ def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYER
                         large_log[n][s].append(float(ref.norm()))
                         errors[n][s]["small"].append(relative_error(stats[i][s], ref))
                         errors[n][s]["sma"].append(relative_error(sma, ref))
-            if t % 10 == 0 or t == iters - 1:
-                logger.info(f"iter {t}/{iters}: loss {float(total):.3f}, lr {optimizer.param_groups[0]['lr']:.4g}, "
-                            f"{time.perf_counter() - start:.0f} s")
+            log_progress(logger, t, iters, float(total), optimizer, start)
     for r in recorders:
         r.remove()
     late = [i for i, t in enumerate(probes) if t >= iters // 2]
@@ -355,11 +319,7 @@ def format_table(result: Dict) -> str:
 
 def plot(result: Dict, path: str, error_path: str) -> None:
     """Save the two PNGs: norms over iterations (statistic x layer grid) and errors at the probes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names, iters, probes, m = result["layers"], list(range(result["iters"])), result["probes"], result["buffer_size"]
     fig, axes = plt.subplots(len(STATISTICS), len(names), figsize=(4.2 * len(names), 2.3 * len(STATISTICS)),
                              squeeze=False, sharex=True)
@@ -402,65 +362,38 @@ def plot(result: Dict, path: str, error_path: str) -> None:
     plt.close(fig)
 
 
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Raise ``FileExistsError`` if ``output_dir`` already holds one of :data:`OUTPUT_FILES`."""
-    existing = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(output_dir, f))]
-    if existing and not overwrite:
-        raise FileExistsError(f"{output_dir!r} already holds {', '.join(existing)}; choose another --output-dir "
-                              "or pass --overwrite")
-
-
 def write_outputs(result: Dict, output_dir: str) -> str:
-    """Write the table, the two plots and the JSON to ``output_dir``; return the table."""
-    os.makedirs(output_dir, exist_ok=True)
+    """Write the table, the two plots and the JSON (:data:`OUTPUT_FILES`) to ``output_dir``;
+    return the table."""
     table = (f"Relative error vs. the large batch ({result['large_batch']} images), averaged over the probes at "
              f"iterations {result['probes']}:\n\n" + format_table(result))
-    with open(os.path.join(output_dir, "mabn_statistics.md"), "w") as f:
-        f.write(table + "\n")
-    plot(result, os.path.join(output_dir, "mabn_statistics.png"), os.path.join(output_dir, "mabn_statistics_error.png"))
-    with open(os.path.join(output_dir, "mabn_statistics.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    save_outputs(result, output_dir, "mabn_statistics", table,
+                 lambda d: plot(result, os.path.join(d, "mabn_statistics.png"),
+                                os.path.join(d, "mabn_statistics_error.png")))
     return table
 
 
-def _names(text: str) -> List[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"{text!r} names no layer; allowed: comma-separated module names")
-    return names
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config-file", default=DEFAULT_CONFIG, help="detector config (BN is set in backbone, FPN, heads)")
-    p.add_argument("--layers", type=_names, default=list(DEFAULT_LAYERS),
-                   help="comma-separated qualified names of BN layers (or of convs holding one as .norm)")
-    p.add_argument("--iters", type=int, default=60, help="training iterations")
+    """The command line (``--help``)."""
+    p = diagnostic_parser(__doc__.split("\n\n")[0], DEFAULT_CONFIG, DEFAULT_LAYERS,
+                          "comma-separated qualified names of BN layers (or of convs holding one as .norm)")
     p.add_argument("--buffer-size", type=int, default=16, help="m, iterations in the SMA")
     p.add_argument("--probe-every", type=int, default=5, help="a large batch every this many iterations")
     p.add_argument("--large-batch", type=int, default=16, help="images in the reference batch")
-    p.add_argument("--lr", type=float, default=0.02, help="SGD base learning rate (overrides SOLVER.BASE_LR; "
-                   "0.02 as in configs/quick)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default="output/mabn_statistics")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --output-dir")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    add_common_options(p, "output/mabn_statistics")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> Dict:
-    """Command-line entry point; returns the result dict (see :func:`run`)."""
+    """Command-line entry point; returns the result dict (see :func:`run`).
+
+    Raises:
+        OutputDirExistsError: ``--output-dir`` is not empty and ``--overwrite`` was not given.
+    """
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    check_output_dir(args.output_dir, args.overwrite)
-    result = run(args.config_file, args.layers, args.iters, args.buffer_size, args.probe_every, args.large_batch,
-                 args.lr, args.seed, args.opts)
-    result["command"] = " ".join([os.path.relpath(__file__, REPO)] + (sys.argv[1:] if argv is None else list(argv)))
-    result["torch"] = torch.__version__
-    result["threads"] = torch.get_num_threads()
-    table = write_outputs(result, args.output_dir)
-    print(table)
+    result = run_and_write(args, lambda a: run(a.config_file, a.layers, a.iters, a.buffer_size, a.probe_every,
+                                               a.large_batch, a.lr, a.seed, a.opts),
+                           write_outputs, os.path.relpath(__file__, REPO), argv)
     print(f"\nlarge batches at iterations {result['probes']}; {result['seconds']:.0f} s; outputs in {args.output_dir}")
     return result
 

@@ -179,4 +179,4 @@ def ensure_new_files(paths: Sequence[str], overwrite: bool) -> None:
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist(s); refusing to overwrite. "
-                              "Choose another --out-dir or pass --overwrite.")
+                              "Choose another --output-dir or pass --overwrite.")

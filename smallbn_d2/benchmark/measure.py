@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts (tools/benchmark_norms.py, tools/benchmark_cbn_layer.py).
+"""Measurement helpers shared by the benchmarks (detector and block level).
 
 * Peak memory on CPU (:class:`PeakRSS`): the peak resident set size of the process during a
   measured region minus the resident size at its start, read from ``/proc/self/status``
@@ -7,43 +7,59 @@
   ``MALLOC_MMAP_THRESHOLD_`` fixed (:data:`MEMORY_ENV`): every allocation above 64 KiB is then
   its own ``mmap`` and returns to the system when freed, so the resident size tracks the live
   tensors (otherwise freed memory stays in the heap and the high-water mark stays put). That
-  setting slows allocation, so memory is measured in separate processes from the timings.
-* Machine description, medians, Markdown tables, and the replacement of one script's section
-  of docs/BENCHMARKS.md (between ``<!-- BEGIN name -->`` and ``<!-- END name -->``), leaving the
-  rest of the file as it is.
+  setting slows allocation, so memory is measured in separate processes from the timings
+  (:func:`run_json_child`).
+* Timing (:class:`Timer`), machine description, medians, Markdown tables, and the replacement of
+  one benchmark's section of docs/BENCHMARKS.md (between ``<!-- BEGIN name -->`` and
+  ``<!-- END name -->``), leaving the rest of the file as it is.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
+
+__all__ = ["MEMORY_ENV", "rss_bytes", "PeakRSS", "memory_env_active", "run_json_child", "machine_description",
+           "load_average", "median", "Timer", "markdown_table", "fmt_ratio", "fmt_seconds", "write_doc_section",
+           "command_line"]
 
 #: Environment for memory-measuring subprocesses (see the module docstring).
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        m = re.search(field + r":\s+(\d+) kB", f.read())
+def rss_bytes(field: str = "VmRSS") -> int:
+    """A memory field of ``/proc/self/status`` in bytes (``VmRSS``: resident now; ``VmHWM``: peak).
+
+    Raises:
+        RuntimeError: the file or the field is missing (not Linux): memory cannot be measured here.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(field + r":\s+(\d+) kB", f.read())
+    except OSError as e:
+        raise RuntimeError(f"cannot read /proc/self/status ({e}): peak memory cannot be measured here") from e
     if m is None:
         raise RuntimeError(f"/proc/self/status has no {field} field: peak memory cannot be measured here")
     return int(m.group(1)) * 1024
 
 
 class PeakRSS:
-    """Context manager: ``.peak`` = peak RSS during the block minus RSS at its start, in bytes.
+    """Context manager: ``.peak`` = peak RSS during the block minus RSS at its start, in bytes;
+    ``.start`` = RSS at the start, ``.end`` = RSS at the end minus ``.start`` (bytes).
 
     Raises:
         RuntimeError: /proc/self/status or /proc/self/clear_refs is unavailable (not Linux).
     """
 
     def __enter__(self):
-        self.start = _status_bytes("VmRSS")
+        self.start = rss_bytes("VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current RSS
@@ -52,8 +68,8 @@ class PeakRSS:
         return self
 
     def __exit__(self, *exc):
-        self.peak = _status_bytes("VmHWM") - self.start
-        self.end = _status_bytes("VmRSS") - self.start
+        self.peak = rss_bytes("VmHWM") - self.start
+        self.end = rss_bytes("VmRSS") - self.start
         return False
 
 
@@ -62,21 +78,45 @@ def memory_env_active() -> bool:
     return all(os.environ.get(k) == v for k, v in MEMORY_ENV.items())
 
 
-def run_json_subprocess(argv: Sequence[str], timeout: float) -> Dict:
-    """Run ``python argv...`` with :data:`MEMORY_ENV`; return the dict it prints as its last line
-    (JSON). Raises ``RuntimeError`` with the child's stderr tail if it fails."""
-    import json
+def _package_root() -> str:
+    """The directory holding the ``smallbn_d2`` package this process imported."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+def run_json_child(script: str, args: Sequence[str], timeout: float, memory: bool = False,
+                   label: Optional[str] = None) -> Dict:
+    """Run ``script`` in a child process of this Python; return the JSON dict it prints last.
+
+    The child is ``[sys.executable, script, *args]`` (the same interpreter and environment) with
+    this process's ``smallbn_d2`` first on ``PYTHONPATH``, so it imports the same package even
+    when that is not installed; with ``memory`` also :data:`MEMORY_ENV`.
+
+    Args:
+        script: path of the Python script to run.
+        args: its command-line arguments (converted with ``str``).
+        timeout: seconds before the child is killed.
+        memory: run the child with :data:`MEMORY_ENV` (for :class:`PeakRSS`).
+        label: names the child in the error message (default: the command line).
+    Returns:
+        the dict printed (as JSON) on the child's last line of stdout.
+    Raises:
+        RuntimeError: the child exited non-zero (message: its label, exit code and stderr tail,
+            whose last line is the child's error).
+        subprocess.TimeoutExpired: it ran longer than ``timeout``.
+    """
+    argv = [sys.executable, script] + [str(a) for a in args]
     env = dict(os.environ)
-    env.update(MEMORY_ENV)
-    proc = subprocess.run([sys.executable] + list(argv), env=env, capture_output=True, text=True, timeout=timeout)
+    env["PYTHONPATH"] = os.pathsep.join([_package_root()] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    if memory:
+        env.update(MEMORY_ENV)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{label or ' '.join(argv[1:])} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def machine_description() -> str:
-    """CPU model, logical cores, torch threads, torch version, load average."""
+    """CPU model, logical cores, torch threads, torch version, Python version, OS."""
     import torch
 
     cpu = platform.processor() or "unknown CPU"
@@ -92,6 +132,7 @@ def machine_description() -> str:
 
 
 def load_average() -> str:
+    """The 1/5/15-minute load average as ``"a / b / c"``, or ``"n/a"`` where unavailable."""
     try:
         return " / ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
@@ -99,6 +140,7 @@ def load_average() -> str:
 
 
 def median(values: Sequence[float]) -> float:
+    """The median of ``values``; NaN for an empty sequence."""
     return statistics.median(values) if values else float("nan")
 
 
@@ -125,21 +167,22 @@ class Timer:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub Markdown table (tabulate's ``pipe`` format when available)."""
-    try:
-        from tabulate import tabulate
+    """A GitHub Markdown table (tabulate's ``pipe`` format; cells are printed as given)."""
+    from tabulate import tabulate
 
-        return tabulate(rows, headers=header, tablefmt="pipe", disable_numparse=True)
-    except ImportError:  # pragma: no cover - tabulate ships with detectron2's requirements
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
+    return tabulate(rows, headers=header, tablefmt="pipe", disable_numparse=True)
 
 
 def fmt_ratio(value: float, base: float) -> str:
+    """``value / base`` as ``"1.23x"``; ``"n/a"`` if ``base`` is not > 0 or ``value`` is NaN."""
     if not (base > 0) or value != value:
         return "n/a"
     return f"{value / base:.2f}x"
+
+
+def fmt_seconds(value: Optional[float]) -> str:
+    """Seconds with 3 decimals; ``"n/a"`` for None or NaN."""
+    return "n/a" if value is None or value != value else f"{value:.3f}"
 
 
 def write_doc_section(path: str, name: str, body: str) -> None:
@@ -163,7 +206,5 @@ def write_doc_section(path: str, name: str, body: str) -> None:
 
 
 def command_line() -> str:
-    """The command that ran this script, as typed from the repository root."""
-    import shlex
-
+    """The command that ran this process's script, as typed from the repository root."""
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])

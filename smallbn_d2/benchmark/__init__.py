@@ -1,0 +1,19 @@
+"""Benchmarks of the normalization layers, driven by ``tools/benchmark_norms.py`` (detector
+level) and ``tools/benchmark_cbn_layer.py`` (block level).
+
+* :mod:`.measure`: timing, peak resident memory, child processes, machine description,
+  Markdown tables and the sections of docs/BENCHMARKS.md (shared by both levels);
+* :mod:`.settings`: what is measured: the rows (norms and variants), the detector settings,
+  their configs and the targets;
+* :mod:`.floor`: the ``BNFloor`` norm of the detector-level ``floor`` row;
+* :mod:`.children`: what runs in a detector-level child process (interleaved training,
+  memory, interleaved inference);
+* :mod:`.runner`: the detector-level orchestration (which children, collecting their results);
+* :mod:`.report`: the detector-level Markdown report;
+* :mod:`.layer`: the block-level benchmark;
+* :mod:`.gpu_setup`: the wheel folder and install for a GPU machine without a package index
+  (``tools/gpu_check.py``).
+
+This ``__init__`` imports none of the modules; the measuring modules import Detectron2 only
+inside the functions that need it.
+"""
