@@ -36,6 +36,7 @@ from .modeling import (  # noqa: E402
 )
 from .modeling import norms as _norms  # noqa: E402
 from .deploy import convert_to_frozen_bn  # noqa: E402
+from .convert import convert_norm  # noqa: E402
 
 _norms.install()
 
@@ -58,4 +59,5 @@ __all__ = [
     "set_norm_iteration",
     "supported_norms",
     "convert_to_frozen_bn",
+    "convert_norm",
 ]

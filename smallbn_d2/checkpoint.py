@@ -60,6 +60,7 @@ from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from .layers import IterationNormBase
+from .pretrained import check_loaded_weight_centralization
 
 __all__ = ["NormStateShapeError", "convert_norm_state_dict", "NormCheckpointer", "AtomicPathManager",
            "IncompatibleCheckpointError",
@@ -234,7 +235,10 @@ class NormCheckpointer(DetectionCheckpointer):
         for line in notes:
             self.logger.info(f"Loading across norms: {line}")
         checkpoint["model"] = state
-        return super()._load_model(checkpoint)
+        incompatible = super()._load_model(checkpoint)
+        # MABN centralizes its convs' weights: say so if loaded weights were not trained that way
+        check_loaded_weight_centralization(self.model, loaded_keys=state.keys())
+        return incompatible
 
 
 # ------------------------------------------------------------------------------ saving

@@ -30,12 +30,18 @@ modules is not supported by PyTorch; use ``state_dict()`` (as Detectron2 does).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import List, Tuple
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = [
     "WeightCentralization",
+    "CentralizedConv",
+    "centralization_report",
     "centralize_conv_weight",
     "is_weight_centralized",
     "remove_weight_centralization",
@@ -176,3 +182,65 @@ def remove_weight_centralization(conv: nn.Module, bake: bool = True) -> nn.Modul
     parametrize.remove_parametrizations(conv, "weight", leave_parametrized=bake)
     _remove_hooks(conv)
     return conv
+
+
+@dataclass(frozen=True)
+class CentralizedConv:
+    """How much weight centralization changes one conv's weight (an entry of
+    :func:`centralization_report`).
+
+    Attributes:
+        name: qualified module name of the conv in the model.
+        shape: shape of its weight, (C_out, C_in / groups, kh, kw).
+        relative_norm: ||W - center(W)||_F / ||W||_F for the stored (raw) weight W, i.e. the
+            norm of the removed per-output-channel means relative to the weight's norm; 0 for a
+            zero weight. 0 means the conv computes the same function centralized or not.
+        random_level: 1 / sqrt(D), D = C_in / groups * kh * kw: the expected value of
+            ``relative_norm`` for i.i.d. zero-mean weights (a fresh initialization, and the raw
+            weights of a conv trained with centralization from one, whose per-channel means no
+            gradient changes). A ``relative_norm`` well above it means the weights have
+            per-channel means that training gave them, i.e. they were trained without
+            centralization.
+    """
+
+    name: str
+    shape: Tuple[int, ...]
+    relative_norm: float
+    random_level: float
+
+
+@torch.no_grad()
+def centralization_report(model: nn.Module) -> List[CentralizedConv]:
+    """For every weight-centralized module of ``model``, the relative norm of what centralization
+    removes from its stored weight (MABN Sec. 4.2; METHODS.md MABN 2).
+
+    Per conv with raw weight W = ``conv.parametrizations.weight.original`` of shape
+    (C_out, C_in / groups, kh, kw) and D = C_in / groups * kh * kw, in float64:
+    ``relative_norm = sqrt(D * sum_c mean(W[c])^2) / ||W||_F`` (the Frobenius norm of the removed
+    per-channel means, broadcast over the kernel, relative to W's). A pure function: reads the
+    weights, changes nothing, logs nothing.
+
+    Args:
+        model: any ``nn.Module``.
+    Returns:
+        one :class:`CentralizedConv` per centralized module, in ``named_modules`` order (empty if
+        none is centralized).
+    Raises:
+        nothing.
+    """
+    report = []
+    for name, module in model.named_modules():
+        if not is_weight_centralized(module):
+            continue
+        w = module.parametrizations.weight.original.detach().to(torch.float64)
+        d = w[0].numel() if w.shape[0] else 0
+        flat = w.reshape(w.shape[0], -1)
+        removed = math.sqrt(d * float(flat.mean(dim=1).square().sum())) if d else 0.0
+        total = float(torch.linalg.vector_norm(flat))
+        report.append(CentralizedConv(
+            name=name,
+            shape=tuple(w.shape),
+            relative_norm=removed / total if total > 0 else 0.0,
+            random_level=1.0 / math.sqrt(d) if d else 0.0,
+        ))
+    return report
