@@ -65,7 +65,7 @@ def add_smallbn_config(cfg: CN) -> CN:
     # the unbiased batch variance, as the released code (METHODS.md CBN 7).
     _C.MODEL.CBN.MOMENTUM = _default(CrossIterationBatchNorm2d, "momentum")
     _C.MODEL.CBN.EPS = _default(CrossIterationBatchNorm2d, "eps")
-    # "paper": average max(nu, mu^2) over the whole window (paper, eq. 8-9).
+    # "paper": average max(nu, mu^2) over the whole window (paper, eq. 9-10).
     # "drop_invalid": the released code's rule: drop window entries whose compensated variance is
     # negative and average over the entries kept.
     _C.MODEL.CBN.AGGREGATION = _default(CrossIterationBatchNorm2d, "aggregation")

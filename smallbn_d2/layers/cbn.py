@@ -1,7 +1,7 @@
 """Cross-Iteration Batch Normalization (CBN) and its uncompensated ablation (Naive CBN).
 
 Source: Yao, Cao, Zheng, Huang, Lin. Cross-Iteration Batch Normalization. CVPR 2021
-(arXiv 2002.05712), Sec. 3.2 (eq. 4-9) and Appendix B; restated in METHODS.md, "CBN", items 1-9.
+(arXiv 2002.05712), Sec. 3.2-3.3 (eq. 5-10) and Appendix B; restated in docs/METHODS.md, CBN 1-9.
 
 Per channel c, at trainer iteration t with window size k (k = 1 during the burn-in):
 
@@ -58,7 +58,7 @@ from .hyperparameters import (
 
 __all__ = ["CrossIterationBatchNorm2d", "NaiveCrossIterationBatchNorm2d"]
 
-#: Window aggregation rules: the paper's (eq. 8-9) and the released code's.
+#: Window aggregation rules: the paper's (eq. 9-10) and the released code's.
 AGGREGATIONS = ("paper", "drop_invalid")
 #: How the window starts after the burn-in: full (the paper) or growing from 1 to k (released code).
 WINDOW_AFTER_BURN_IN = ("full", "grow")
@@ -168,7 +168,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
             new batch); updated with the current batch's mean and unbiased variance (item 7).
         eps: > 0, added to the variance inside the square root.
         affine: learn gamma/beta of shape (C,).
-        aggregation: ``"paper"`` (average ``max(nu, mu^2)`` over the window, eq. 8-9) or
+        aggregation: ``"paper"`` (average ``max(nu, mu^2)`` over the window, eq. 9-10) or
             ``"drop_invalid"`` (the released code: drop entries whose compensated variance is
             negative, average over those kept).
         compensate: False gives Naive CBN (window average without compensation, item 8).
