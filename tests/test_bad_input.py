@@ -161,3 +161,22 @@ def test_mabn_buffer_of_another_size_is_refused(tmp_path):
         NormCheckpointer(new).load(path)
     msg = str(exc.value)
     assert "'backbone.fpn_" in msg and "(16, 32)" in msg and "(8, 32)" in msg and "MODEL.MABN.BUFFER_SIZE 16" in msg
+
+
+def test_evaluating_another_model_never_writes_into_a_training_run(tmp_path):
+    """--eval-only of a model that is not one of the run's checkpoints (e.g. a converted one) is
+    refused in a training run's directory; the run's own checkpoints may be evaluated there."""
+    from smallbn_d2.engine import OutputDirExistsError, check_output_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last_checkpoint").write_text("model_final.pth")
+    (run / "model_final.pth").write_bytes(b"")
+    converted = tmp_path / "model_final_frozen.pth"
+    with pytest.raises(OutputDirExistsError, match="holds a training run"):
+        check_output_dir(str(run), eval_only=True, weights=str(converted))
+    check_output_dir(str(run), eval_only=True, weights=str(run / "model_final.pth"))  # its own model
+    check_output_dir(str(run), eval_only=True, weights=str(converted), allow_existing=True)
+    check_output_dir(str(tmp_path / "fresh"), eval_only=True, weights=str(converted))  # a new folder
+    with pytest.raises(OutputDirExistsError, match="--resume"):
+        check_output_dir(str(run))  # a new training run there

@@ -12,7 +12,9 @@ additionally folds every frozen norm that directly follows a conv into that conv
 
 Writes ``--output`` (a Detectron2 checkpoint: ``{"model": state_dict, "smallbn_d2_conversion":
 {"fold": ...}}``) and, next to it, ``<output without .pth>.yaml``: the config with the converted
-norms set to "FrozenBN" and ``MODEL.WEIGHTS`` pointing to the output. Refuses to overwrite
+norms set to "FrozenBN", ``MODEL.WEIGHTS`` pointing to the output and ``OUTPUT_DIR`` a new
+folder ``<output without .pth>_eval`` (so that evaluating the converted model never writes into
+the training run's directory). Refuses to overwrite
 either file unless ``--overwrite``. Prints a summary of the converted layers. The model is
 built on the CPU (the checkpoint is device-independent).
 
@@ -88,6 +90,8 @@ def main(argv=None) -> int:
     save_inference_checkpoint(model, out, fold=args.fold, overwrite=args.overwrite)
     frozen_cfg = frozen_bn_config(cfg)
     frozen_cfg.MODEL.WEIGHTS = os.path.abspath(out)
+    # evaluating the converted model must not write into the training run's directory
+    frozen_cfg.OUTPUT_DIR = os.path.splitext(os.path.abspath(out))[0] + "_eval"
     with open(out_yaml, "w") as f:
         f.write(f"# {'Folded' if args.fold else 'FrozenBN'} inference config of {args.config_file} "
                 f"(written by tools/convert_for_inference.py)\n")

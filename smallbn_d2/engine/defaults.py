@@ -40,23 +40,37 @@ def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
 
 
 def check_output_dir(output_dir: str, resume: bool = False, eval_only: bool = False,
-                     allow_existing: bool = False) -> None:
-    """Refuse to start a new training run in a non-empty output directory.
+                     allow_existing: bool = False, weights: str = "") -> None:
+    """Refuse to write into another run's output directory.
 
-    A new run would overwrite ``last_checkpoint``, ``metrics.json`` and the checkpoints of the
-    run already there. Allowed: an empty or missing directory, ``--resume`` (continue that run),
-    ``--eval-only`` (adds evaluation results), or ``allow_existing`` (explicit flag).
+    * A new training run in a non-empty directory would overwrite ``last_checkpoint``,
+      ``metrics.json`` and the checkpoints of the run already there: refused unless ``resume``
+      (continue that run) or ``allow_existing``.
+    * An evaluation (``eval_only``) in the directory of a training run (it holds
+      ``last_checkpoint``) would replace its ``config.yaml`` and add to its inference results:
+      allowed for that run's own checkpoints (``weights`` inside ``output_dir``), refused for
+      another model (e.g. a converted one) unless ``allow_existing``.
 
     Raises:
         OutputDirExistsError: naming the directory, what it holds and the ways out.
     """
-    if resume or eval_only or allow_existing or not os.path.isdir(output_dir):
+    if allow_existing or not os.path.isdir(output_dir):
         return
     content = sorted(os.listdir(output_dir))
-    if content:
-        shown = ", ".join(content[:6]) + (", ..." if len(content) > 6 else "")
-        raise OutputDirExistsError(
-            f"Output directory {output_dir!r} is not empty ({shown}). Refusing to start a new run that "
-            "would overwrite it. Use --resume to continue that run, choose another OUTPUT_DIR, or pass "
-            "--allow-existing-output-dir to write into it anyway."
-        )
+    if eval_only:
+        own = bool(weights) and os.path.abspath(weights).startswith(os.path.abspath(output_dir) + os.sep)
+        if "last_checkpoint" in content and not own:
+            raise OutputDirExistsError(
+                f"Output directory {output_dir!r} holds a training run, and MODEL.WEIGHTS = {weights!r} is not one "
+                "of its checkpoints: evaluating another model there would replace the run's config.yaml and mix "
+                "its results. Set OUTPUT_DIR to another folder, or pass --allow-existing-output-dir."
+            )
+        return
+    if resume or not content:
+        return
+    shown = ", ".join(content[:6]) + (", ..." if len(content) > 6 else "")
+    raise OutputDirExistsError(
+        f"Output directory {output_dir!r} is not empty ({shown}). Refusing to start a new run that "
+        "would overwrite it. Use --resume to continue that run, choose another OUTPUT_DIR, or pass "
+        "--allow-existing-output-dir to write into it anyway."
+    )
