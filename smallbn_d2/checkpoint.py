@@ -334,11 +334,25 @@ def save_inference_checkpoint(model: nn.Module, path: str, fold: bool, overwrite
 def read_conversion_metadata(path: str) -> Optional[Dict]:
     """The conversion metadata of a checkpoint written by :func:`save_inference_checkpoint`
     (``{"fold": bool}``), or None if it has none."""
-    return DetectionCheckpointer(nn.Module())._load_file(path).get(METADATA_KEY)
+    from detectron2.utils.file_io import PathManager
+
+    with PathManager.open(path, "rb") as f:
+        data = torch.load(f, map_location="cpu", weights_only=False)
+    return data.get(METADATA_KEY) if isinstance(data, dict) else None
+
+
+class _RecordingCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that keeps the incompatible keys of its last load."""
+
+    incompatible = None
+
+    def _load_model(self, checkpoint):
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
 
 
 def load_checkpoint_strict(model: nn.Module, path: str) -> Dict:
-    """Load a Detectron2 checkpoint into ``model`` with ``DetectionCheckpointer``, strictly.
+    """Load a Detectron2 checkpoint into ``model`` with ``DetectionCheckpointer.load``, strictly.
 
     Args:
         model: the model.
@@ -349,9 +363,9 @@ def load_checkpoint_strict(model: nn.Module, path: str) -> Dict:
         IncompatibleCheckpointError: missing or unexpected keys, or entries of another shape
             (Detectron2 only logs these).
     """
-    checkpointer = DetectionCheckpointer(model)
-    checkpoint = checkpointer._load_file(path)
-    incompatible = checkpointer._load_model(checkpoint)
+    checkpointer = _RecordingCheckpointer(model)
+    checkpoint = checkpointer.load(path, checkpointables=[])
+    incompatible = checkpointer.incompatible
     missing = list(getattr(incompatible, "missing_keys", []))
     unexpected = list(getattr(incompatible, "unexpected_keys", []))
     shapes = [k for k, *_ in getattr(incompatible, "incorrect_shapes", [])]

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Train and evaluate a Detectron2 LazyConfig (Python config) model with CBN / NaiveCBN / MABN.
+
+Detectron2's ``tools/lazyconfig_train_net.py`` command line, with smallbn_d2's training flow
+(``smallbn_d2.lazy.do_train``: layers built with the config's ``smallbn.norms`` and wired to
+their producing convs, ``NormIterationHook`` first, cross-norm checkpoint loading)::
+
+    python tools/lazyconfig_train_net.py --config-file configs/lazy/mask_rcnn_R_50_FPN_CBN.py \\
+        [--num-gpus N] [--resume] [--eval-only] [--allow-existing-output-dir] [key=value ...]
+
+Overrides are LazyConfig ``key=value`` pairs (e.g. ``train.max_iter=2``,
+``train.output_dir=out``, ``smallbn.norms.CBN.window_size=4``). With ``train.device=cpu``,
+``--num-gpus N`` starts N CPU processes (gloo). A new run refuses a non-empty
+``train.output_dir`` (``--resume`` continues the run there, ``--allow-existing-output-dir``
+overrides). The COCO 2017 sample shipped with smallbn_d2 is registered as
+``coco_2017_sample_train``/``_val``. ``--eval-only`` evaluates ``train.init_checkpoint``.
+"""
+import logging
+import sys
+
+import torch
+
+import smallbn_d2  # noqa: F401  (first: compatibility fixes, norm names)
+from detectron2.config import LazyConfig
+from detectron2.engine import default_argument_parser, default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from smallbn_d2.checkpoint import NormCheckpointer, NormStateShapeError
+from smallbn_d2.data import DatasetsNotFoundError, SampleRegistrationError, register_coco_sample
+from smallbn_d2.engine import OutputDirExistsError, check_output_dir
+from smallbn_d2.engine.launch import create_ddp_model, launch
+from smallbn_d2.layers import NormNotWiredError
+from smallbn_d2.lazy import build_model, check_smallbn_field, do_test, do_train
+
+# Errors caused by the user's input; printed without a traceback.
+USER_ERRORS = (OutputDirExistsError, DatasetsNotFoundError, NormNotWiredError, FileNotFoundError,
+               NormStateShapeError, SampleRegistrationError)
+
+logger = logging.getLogger("smallbn_d2")
+
+
+def load(args):
+    """The LazyConfig of ``--config-file`` with the command line's overrides applied."""
+    cfg = LazyConfig.load(args.config_file)
+    return LazyConfig.apply_overrides(cfg, args.opts)
+
+
+def main(args):
+    register_coco_sample()  # in every launched process (each is a new interpreter)
+    cfg = load(args)
+    default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="smallbn_d2")
+    if str(cfg.train.device).startswith("cpu"):
+        torch.set_flush_denormal(True)  # subnormal gradients are 10-100x slower on x86 CPUs
+    if args.eval_only:
+        model = create_ddp_model(build_model(cfg))
+        NormCheckpointer(model).load(cfg.train.init_checkpoint)
+        return do_test(cfg, model)
+    do_train(cfg, resume=args.resume)
+
+
+def argument_parser():
+    """Detectron2's ``default_argument_parser`` plus ``--allow-existing-output-dir``."""
+    parser = default_argument_parser()
+    parser.add_argument("--allow-existing-output-dir", action="store_true",
+                        help="start a new run even if train.output_dir is not empty (files there may be overwritten)")
+    return parser
+
+
+def cli():
+    args = argument_parser().parse_args()
+    try:
+        register_coco_sample()
+        cfg = load(args)  # checked once, before any process starts or writes
+        try:
+            check_smallbn_field(cfg)
+        except (KeyError, TypeError, ValueError) as e:
+            sys.exit(f"lazyconfig_train_net.py: error: {e.args[0] if isinstance(e, KeyError) else e}")
+        check_output_dir(cfg.train.output_dir, resume=args.resume, eval_only=args.eval_only,
+                         allow_existing=args.allow_existing_output_dir)
+        print("Command Line Args:", args)
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,), device=cfg.train.device)
+    except USER_ERRORS as e:  # bad input: a clear message, no traceback
+        sys.exit(f"lazyconfig_train_net.py: error: {type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    cli()
