@@ -1,23 +1,27 @@
-"""Mixed precision: CBN and MABN under ``torch.autocast`` (CPU, bfloat16) in a tiny Mask R-CNN
-(issue 7, item 4).
+"""Mixed precision: CBN and MABN under ``torch.autocast`` (CPU, bfloat16) in a tiny Mask R-CNN.
 
 The layers must compute statistics, compensation and moving averages in float32 and return the
 input's dtype. Checked inside the detector, layer by layer, against float64 references computed
 from each layer's actual bf16 input: stored statistics to 1e-4 relative (float32 sums over ~1e5
 elements; a bf16 computation would be off by up to 2^-9 = 2e-3), outputs to bf16 rounding;
-buffers stay float32; outputs are bf16 in training and in inference; losses of a few autocast iterations are finite and, at the first iteration,
-close to the float32 model's (tolerances below). Detectron2's AMPTrainer (SOLVER.AMP.ENABLED)
-needs CUDA: see docs/RELIABILITY.md.
+buffers stay float32; outputs are bf16 in training and in inference; losses of a few autocast
+iterations are finite and, at the first iteration, close to the float32 model's (tolerances
+below); in inference under autocast every layer's bf16 output is its eval formula with the
+population statistics, to bf16 rounding (tests/lowp_checks.py). Detectron2's AMPTrainer
+(SOLVER.AMP.ENABLED) needs CUDA: see docs/RELIABILITY.md; on CUDA (skipped without one) a few
+float16 autocast training steps of conv + CBN / MABN with a GradScaler are checked at the end.
 """
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import smallbn_d2  # noqa: I001  (first: Detectron2 v0.6 compatibility fixes)
 from detectron2.utils.events import EventStorage
 
 from helpers import coco_batches, tiny_cfg
+from lowp_checks import assert_affine_close
 from smallbn_d2.layers import MovingAverageBatchNorm2d
 from smallbn_d2.modeling import iteration_norms
 
@@ -96,6 +100,7 @@ def _reference(layer, call, t):
     return y, stats
 
 
+@pytest.mark.coco_subset  # tests/conftest.py: skipped, with the reason, without the COCO files
 @pytest.mark.parametrize("norm", ["CBN", "MABN"])
 def test_bf16_autocast_in_a_detector(norm):
     cfg = _cfg(norm)
@@ -154,14 +159,87 @@ def test_bf16_autocast_in_a_detector(norm):
                 assert buf.dtype == torch.float32 and torch.isfinite(buf).all(), (name, key)
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
-    # inference under autocast: population statistics, output in the input's dtype
+    # inference under autocast: every layer's bf16 output is its eval formula with the population
+    # statistics (float64 on the layer's actual bf16 input) to bf16 rounding
     model.eval()
-    dtypes = set()
-    handles = [layer.register_forward_hook(lambda m, a, o: dtypes.add((a[0].dtype, o.dtype)))
-               for _, layer in iteration_norms(model)]
+    calls = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            calls.setdefault(name, (args[0].detach().clone(), out.detach().clone()))
+        return hook
+
+    layers = dict(iteration_norms(model))
+    handles = [layer.register_forward_hook(keep(name)) for name, layer in layers.items()]
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
         out = model([{"image": batches[0][0]["image"]}])
     for h in handles:
         h.remove()
-    assert dtypes == {(BF16, BF16)}
+    assert len(calls) > 20
+    for name, (x, y) in calls.items():
+        assert x.dtype == BF16 and y.dtype == BF16, name
+        if x.numel():
+            assert_affine_close(y, x, *_eval_reference(layers[name], x), what=f"{name} (eval, bf16 autocast)")
     assert torch.isfinite(out[0]["instances"].scores.float()).all()
+
+
+def _eval_reference(layer, x):
+    """(scale, shift, y) of the eval-mode layer in float64 from its population statistics:
+    y = x * scale + shift, per channel (CBN: BatchNorm, ``F.batch_norm``; MABN: METHODS.md item 6)."""
+    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+    xd = x.double()
+    if isinstance(layer, MovingAverageBatchNorm2d):
+        scale = w / torch.sqrt(layer.running_chi2.double() + layer.eps)
+        return scale, b, xd * scale.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+    rm, rv = layer.running_mean.double(), layer.running_var.double()
+    scale = w / torch.sqrt(rv + layer.eps)
+    return scale, b - rm * scale, F.batch_norm(xd, rm, rv, w, b, False, 0.0, layer.eps)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("norm", ["CBN", "MABN"])
+def test_fp16_autocast_training_steps_on_cuda(norm):
+    """conv + norm under float16 autocast on CUDA with a GradScaler (as Detectron2's AMPTrainer),
+    past the burn-in (CBN, k = 3) / the warm-ups (MABN: SMA and renormalization): fp16 outputs,
+    float32 buffers, all finite, gradients finite, and the float32 statistics close to those of
+    the same steps in float32 (fp16 rounding of the conv output: 1e-2 relative)."""
+    from smallbn_d2.layers import CrossIterationBatchNorm2d
+
+    def build():
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=True)
+        if norm == "CBN":
+            layer = CrossIterationBatchNorm2d(8, window_size=3, burn_in=2)
+        else:
+            layer = MovingAverageBatchNorm2d(8, buffer_size=2, warmup_iters=0, renorm_warmup_iters=2)
+        conv, layer = conv.cuda(), layer.cuda()
+        layer.attach_conv(conv)
+        return conv, layer
+
+    runs = {}
+    for amp in (True, False):
+        conv, layer = build()
+        opt = torch.optim.SGD(list(conv.parameters()) + list(layer.parameters()), lr=0.01)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        gen = torch.Generator().manual_seed(1)
+        for it in range(6):
+            u = (torch.randn(4, 3, 16, 16, generator=gen) * 2 + 0.5).cuda()
+            layer.set_iteration(it)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                y = layer(conv(u))
+                loss = y.float().square().mean()
+            assert y.dtype == (torch.float16 if amp else torch.float32)
+            assert torch.isfinite(y).all()
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            grads = [p.grad for p in list(conv.parameters()) + list(layer.parameters())]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads)
+            scaler.step(opt)
+            scaler.update()
+        for name, buf in layer.named_buffers():
+            if buf.is_floating_point():
+                assert buf.dtype == torch.float32 and torch.isfinite(buf).all(), name
+        runs[amp] = dict(layer.named_buffers())
+    stats = ("running_mean", "running_var") if norm == "CBN" else ("running_chi2", "chi2_buffer")
+    for key in stats:
+        torch.testing.assert_close(runs[True][key], runs[False][key], rtol=1e-2, atol=1e-3)

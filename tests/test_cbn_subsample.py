@@ -82,13 +82,19 @@ def test_invalid_subsample_values(bad):
 
 
 def test_config_key_reaches_the_layers():
+    """MODEL.CBN.GRAD_SUBSAMPLE reaches the layers that Detectron2's ``get_norm("CBN", C)`` builds
+    while the config's hyperparameters are in force (what ``smallbn_d2.build_model`` does)."""
     from detectron2.config import get_cfg
-    from detectron2.layers import Conv2d
+    from detectron2.layers import Conv2d, get_norm
 
     cfg = add_smallbn_config(get_cfg())
     assert cfg.MODEL.CBN.GRAD_SUBSAMPLE == 1  # exact by default
     cfg.MODEL.CBN.GRAD_SUBSAMPLE = 3
     cfg.MODEL.CBN.BURN_IN_ITERS = 0
-    model = torch.nn.Sequential(Conv2d(3, 4, 3, padding=1, bias=False, norm=CrossIterationBatchNorm2d(4)))
+    with smallbn_d2.norm_hyperparameters(cfg):
+        model = torch.nn.Sequential(Conv2d(3, 4, 3, padding=1, bias=False, norm=get_norm("CBN", 4)))
+    default = get_norm("CBN", 4)  # outside: the constructor's default
     smallbn_d2.prepare_norms(model, cfg)
-    assert model[0].norm.grad_subsample == 3
+    assert isinstance(model[0].norm, CrossIterationBatchNorm2d)
+    assert model[0].norm.grad_subsample == 3 and model[0].norm.burn_in == 0
+    assert default.grad_subsample == 1

@@ -1,4 +1,7 @@
-"""Layer-level tests of MovingAverageBatchNorm2d and weight centralization (METHODS.md, MABN)."""
+"""Layer-level tests of MovingAverageBatchNorm2d and weight centralization (METHODS.md, MABN).
+
+Tests that take the ``device`` fixture (tests/conftest.py) run on the CPU and, when a GPU is
+present, on CUDA."""
 import io
 import math
 
@@ -6,10 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from smallbn_d2 import compat
-
-compat.install()  # detectron2.layers imports detectron2._C
 
 from detectron2.layers import Conv2d  # noqa: E402
 
@@ -21,6 +20,8 @@ from smallbn_d2.layers.weight_centralization import (  # noqa: E402
     is_weight_centralized,
     remove_weight_centralization,
 )
+
+from lowp_checks import assert_affine_close  # noqa: E402  (tests/lowp_checks.py)
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -34,7 +35,7 @@ class Reference:
         self.warmup, self.renorm_warmup, self.r_max = warmup, renorm_warmup, r_max
         self.gamma, self.beta = gamma.clone(), beta.clone()
         self.chi2_hist, self.psi_hist = {}, {}
-        self.running = torch.ones(C, dtype=torch.float64)
+        self.running = torch.ones(C, dtype=torch.float64, device=gamma.device)
         self.r_log = []
 
     def _window_mean(self, hist, t):
@@ -73,10 +74,10 @@ class Reference:
         return dx, dgamma, dbeta
 
 
-def make_pair(C=4, m=3, momentum=0.7, eps=1e-3, warmup=5, renorm_warmup=8, r_max=1.5, seed=0):
+def make_pair(C=4, m=3, momentum=0.7, eps=1e-3, warmup=5, renorm_warmup=8, r_max=1.5, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     layer = MovingAverageBatchNorm2d(C, buffer_size=m, momentum=momentum, eps=eps, warmup_iters=warmup,
-                                     renorm_warmup_iters=renorm_warmup, r_max=r_max).double()
+                                     renorm_warmup_iters=renorm_warmup, r_max=r_max).to(device, torch.float64)
     with torch.no_grad():
         layer.weight.copy_(torch.rand(C, generator=gen, dtype=torch.float64) + 0.5)
         layer.bias.copy_(torch.randn(C, generator=gen, dtype=torch.float64))
@@ -100,15 +101,15 @@ def random_input(gen, shape=(2, 4, 3, 5), scale=None):
 
 # ------------------------------------------------------------------------------ reference tests
 @pytest.mark.parametrize("m,warmup,renorm_warmup", [(3, 5, 8), (4, 2, 6)])
-def test_matches_reference_across_warmups(m, warmup, renorm_warmup):
+def test_matches_reference_across_warmups(m, warmup, renorm_warmup, device):
     # (3, 5, 8): warm-up ends by t < warmup_iters; (4, 2, 6): by t <= m
-    layer, ref, gen = make_pair(m=m, warmup=warmup, renorm_warmup=renorm_warmup)
+    layer, ref, gen = make_pair(m=m, warmup=warmup, renorm_warmup=renorm_warmup, device=device)
     layer.train()
     for it in range(16):  # t = 1..16: crosses t <= m, t < warmup_iters, renorm warm-up
         t = it + 1
         layer.set_iteration(it)
-        x = random_input(gen)
-        gy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        x = random_input(gen).to(device)
+        gy = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device)
         y, dx, dw, db = run_step(layer, x, gy)
         y_ref, saved = ref.forward(x, t)
         dx_ref, dw_ref, db_ref = ref.backward(gy, saved)
@@ -255,8 +256,8 @@ def test_resume_from_state_dict_is_exact():
     outs_a, outs_b = [], []
     for it in range(10):
         if it == 6:
-            b = MovingAverageBatchNorm2d(4).double()
-            b.configure(buffer_size=3, momentum=0.7, eps=1e-3, warmup_iters=0, renorm_warmup_iters=2, r_max=1.5)
+            b = MovingAverageBatchNorm2d(4, buffer_size=3, momentum=0.7, eps=1e-3, warmup_iters=0,
+                                         renorm_warmup_iters=2, r_max=1.5).double()
             buf = io.BytesIO()
             torch.save(a.state_dict(), buf)
             buf.seek(0)
@@ -294,7 +295,72 @@ def test_eval_is_linear_and_uses_running_chi2():
         assert torch.equal(v, state[k]), k
 
 
+def _eval_formula(layer, x):
+    """(scale, shift, y) in float64 of METHODS.md MABN item 6: y = gamma * x / sqrt(running_chi2
+    + eps) + beta, for x (N, C, H, W)."""
+    chi2, gamma, beta = (t.detach().cpu().double() for t in (layer.running_chi2, layer.weight, layer.bias))
+    scale = gamma / torch.sqrt(chi2 + layer.eps)
+    return scale, beta, x.detach().cpu().double() * scale.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_eval_in_low_precision_matches_formula(dtype, autocast, device):
+    """Inference with a bfloat16 / float16 input (a float32 layer with non-trivial running_chi2,
+    gamma, beta) is y = gamma * x / sqrt(running_chi2 + eps) + beta on the float64 value of the
+    same input, within the dtype's rounding, element-wise and in the per-channel mean of the error
+    (tests/lowp_checks.py). With ``autocast`` the input is a conv's output under ``torch.autocast``
+    and the layer runs inside it."""
+    torch.manual_seed(30)
+    gen = torch.Generator().manual_seed(30)
+    conv = nn.Conv2d(3, 6, 3, padding=1).to(device).eval()
+    layer = MovingAverageBatchNorm2d(6).to(device).eval()
+    with torch.no_grad():
+        layer.running_chi2.copy_(torch.rand(6, generator=gen) * 2 + 0.3)
+        layer.weight.copy_(torch.rand(6, generator=gen) + 0.5)
+        layer.bias.copy_(torch.randn(6, generator=gen) * 0.5)
+    with torch.no_grad():
+        if autocast:
+            with torch.autocast(device.type, dtype=dtype):
+                x = conv((torch.randn(8, 3, 16, 16, generator=gen) * 2).to(device))
+                y = layer(x)
+        else:
+            x = (torch.randn(8, 6, 16, 16, generator=gen) * layer.running_chi2.cpu().sqrt().view(1, -1, 1, 1)
+                 ).to(device, dtype)
+            y = layer(x)
+    assert x.dtype == dtype and y.dtype == dtype
+    scale, shift, ref = _eval_formula(layer, x)
+    assert_affine_close(y, x, scale, shift, ref, what=f"MABN eval, {dtype}")
+
+
 # ------------------------------------------------------------------------------ weight centralization
+def test_attach_conv_centralizes_over_input_channels_and_kernel_only():
+    """After ``layer.attach_conv(conv)`` the conv's effective weight is w - mean(w[c]) per output
+    channel c, the mean over (C_in / groups, kh, kw) (METHODS.md MABN item 2), computed here
+    directly. The raw weight has non-zero means over the other dimensions too (over output
+    channels, over input channels, over kernel positions); those of the centralized weight are
+    what the formula gives, not zero: centering over the wrong dimensions fails."""
+    gen = torch.Generator().manual_seed(40)
+    for groups in (1, 2):
+        conv = nn.Conv2d(4, 6, 3, groups=groups, bias=False)
+        cin = 4 // groups
+        with torch.no_grad():  # w = a[c_out] + b[c_in] + c[kh, kw] + noise
+            conv.weight.copy_(torch.randn(6, 1, 1, 1, generator=gen) * 3 + torch.randn(1, cin, 1, 1, generator=gen) * 2
+                              + torch.randn(1, 1, 3, 3, generator=gen) * 2 + torch.randn(6, cin, 3, 3, generator=gen))
+        raw = conv.weight.detach().clone()
+        MovingAverageBatchNorm2d(6).attach_conv(conv)
+        w = conv.weight.detach()
+        expected = raw - raw.mean(dim=(1, 2, 3), keepdim=True)
+        torch.testing.assert_close(w, expected, rtol=0, atol=1e-5)
+        assert w.mean(dim=(1, 2, 3)).abs().max() < 1e-5  # zero mean per output channel
+        assert raw.mean(dim=(1, 2, 3)).abs().min() > 0.1  # ... which the raw weight did not have
+        for dims in ((0,), (0, 2, 3), (0, 1)):  # other means stay those of the formula, not zero
+            assert expected.mean(dim=dims).abs().max() > 0.1, dims
+            torch.testing.assert_close(w.mean(dim=dims), expected.mean(dim=dims), rtol=0, atol=1e-5)
+        x = torch.randn(2, 4, 5, 5, generator=gen)
+        torch.testing.assert_close(conv(x), F.conv2d(x, expected, groups=groups), rtol=1e-5, atol=1e-5)
+
+
 def test_weight_centralization_zero_mean_grouped():
     for groups in (1, 2):
         conv = nn.Conv2d(4, 6, 3, groups=groups, bias=False)
@@ -476,10 +542,14 @@ def test_empty_input():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_input_never_enters_buffers(bad):
-    for warm in (True, False):  # current statistics (warm-up) and SMA path
-        layer = _trained_layer(iters=1 if warm else 5)
+    """A batch with a NaN/Inf changes no buffer, in forward or backward; the next finite
+    iteration then gives exactly what a layer that never saw the bad batch gives (output, input
+    gradient, gamma / beta gradients and every buffer)."""
+    for warm in (True, False):  # current statistics (warm-up) and SMA + renormalization
+        iters = 1 if warm else 5
+        layer, clean = _trained_layer(iters=iters), _trained_layer(iters=iters)
         before = _state(layer)
-        layer.set_iteration(1 if warm else 5)
+        layer.set_iteration(iters)
         x = torch.randn(2, 4, 3, 3)
         x[0, 1, 0, 0] = bad
         x.requires_grad_(True)
@@ -490,11 +560,22 @@ def test_non_finite_input_never_enters_buffers(bad):
                 assert torch.equal(v, before[k]), k
                 if v.is_floating_point():
                     assert torch.isfinite(v).all(), k
-        # the next finite iteration is unaffected by the bad one
-        layer.set_iteration(2 if warm else 6)
-        layer(torch.randn(2, 4, 3, 3, requires_grad=True)).sum().backward()
-        for k in ("chi2_buffer", "psi_buffer", "running_chi2"):
-            assert torch.isfinite(getattr(layer, k)).all()
+        # the next iteration, compared with the layer that skipped the bad one
+        gen = torch.Generator().manual_seed(50)
+        x = torch.randn(2, 4, 3, 3, generator=gen) + 0.5
+        gy = torch.randn(2, 4, 3, 3, generator=gen)
+        outs = []
+        for lay in (layer, clean):
+            lay.zero_grad()
+            lay.set_iteration(iters + 1)
+            xi = x.clone().requires_grad_(True)
+            yi = lay(xi)
+            yi.backward(gy)
+            outs.append((yi.detach(), xi.grad, lay.weight.grad, lay.bias.grad))
+        for a, b in zip(*outs):
+            assert torch.isfinite(a).all() and torch.equal(a, b)
+        for k, v in clean.state_dict().items():
+            assert torch.equal(layer.state_dict()[k], v), k
 
 
 def test_training_without_iteration_raises():
@@ -512,29 +593,32 @@ def test_training_without_iteration_raises():
      ("r_max", 0.5), ("r_max", float("inf"))],
 )
 def test_invalid_arguments(name, value):
+    """Hyperparameters are constructor arguments only: a bad value is a ValueError naming the
+    argument, the value and the allowed range."""
+    allowed = {"buffer_size": ">= 1", "momentum": "(0, 1]", "eps": "> 0", "warmup_iters": ">= 0",
+               "renorm_warmup_iters": ">= 0", "r_max": ">= 1"}[name]
     with pytest.raises(ValueError) as err:
         MovingAverageBatchNorm2d(4, **{name: value})
-    assert name in str(err.value) and repr(value) in str(err.value) and "allowed" in str(err.value)
-    layer = MovingAverageBatchNorm2d(4)
-    with pytest.raises(ValueError) as err:
-        layer.configure(**{name: value})
-    assert name in str(err.value)
+    msg = str(err.value)
+    assert name in msg and repr(value) in msg and "allowed" in msg and allowed in msg, msg
 
 
-def test_configure_and_repr():
+def test_constructor_sets_the_hyperparameters_and_repr():
     layer = MovingAverageBatchNorm2d(4)
-    layer.configure(momentum=0.9, eps=1e-4, warmup_iters=7, renorm_warmup_iters=9, r_max=2.0)
-    assert layer.chi2_buffer.shape == (16, 4)
-    layer.configure(buffer_size=5)
+    assert layer.chi2_buffer.shape == (16, 4)  # default m = 16
+    layer = MovingAverageBatchNorm2d(4, buffer_size=5, momentum=0.9, eps=1e-4, warmup_iters=7,
+                                     renorm_warmup_iters=9, r_max=2.0)
+    assert (layer.buffer_size, layer.momentum, layer.eps) == (5, 0.9, 1e-4)
+    assert (layer.warmup_iters, layer.renorm_warmup_iters, layer.r_max) == (7, 9, 2.0)
     assert layer.chi2_buffer.shape == (5, 4) and layer.psi_buffer.shape == (5, 4)
     assert layer.chi2_iters.tolist() == [-1] * 5 and layer.psi_iters.dtype == torch.int64
-    assert layer.chi2_buffer.dtype == torch.float32
+    assert layer.chi2_buffer.dtype == torch.float32 and layer.running_chi2.tolist() == [1.0] * 4
     r = repr(layer)
     for s in ("buffer_size=5", "momentum=0.9", "eps=0.0001", "warmup_iters=7", "renorm_warmup_iters=9", "r_max=2.0"):
         assert s in r
-    with pytest.raises(TypeError):
-        layer.configure(bufer_size=3)
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match="bufer_size"):
+        MovingAverageBatchNorm2d(4, bufer_size=3)
+    with pytest.raises(ValueError, match="num_features"):
         MovingAverageBatchNorm2d(0)
 
 
@@ -561,10 +645,13 @@ def test_bf16_autocast_matches_float32():
             assert getattr(lb, k).dtype == torch.float32
             torch.testing.assert_close(getattr(lb, k), getattr(lf, k), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lb.weight.grad, lf.weight.grad, rtol=1e-4, atol=1e-4)
-    # inference under autocast keeps the dtype too
+    # inference under autocast: the formula of item 6 with the trained running_chi2, in bf16
     lb.eval()
+    x = (torch.randn(4, 4, 8, 8, generator=gen) * 2 + 0.3).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert lb(torch.randn(1, 4, 2, 2).bfloat16()).dtype == torch.bfloat16
+        y = lb(x)
+    scale, shift, ref = _eval_formula(lb, x)
+    assert_affine_close(y, x, scale, shift, ref, what="MABN eval after bf16 training")
 
 
 def test_conv_bf16_autocast_end_to_end():

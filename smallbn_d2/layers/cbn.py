@@ -486,8 +486,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         self._write(self.window_mu, slot, mu_t, finite)
         self._write(self.window_mu0, slot, mu0, finite)
         self._write(self.window_nu0, slot, nu0, finite)
-        tag = torch.where(finite, torch.tensor(t, device=self.window_iters.device), self.window_iters[slot])
-        self.window_iters[slot] = tag
+        self.window_iters[slot : slot + 1].masked_fill_(finite, t)  # no host-to-device copy
 
     @staticmethod
     def _write(buf: torch.Tensor, slot: int, value: torch.Tensor, ok: torch.Tensor) -> None:
