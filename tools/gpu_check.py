@@ -1,0 +1,37 @@
+#!/usr/bin/env python3
+"""Every GPU figure of smallbn_d2 in one command, within 8 minutes on one GPU.
+
+    python3 tools/gpu_check.py --wheels gpu_wheels --output-dir gpu_report
+
+Run from the repository root with the GPU machine's own Python (its torch is used). With
+``--wheels`` (the folder made by ``tools/prepare_gpu_wheels.py`` on a machine with PyPI) it
+first installs Detectron2 v0.6, its dependencies and smallbn_d2 into a new venv, offline. Then
+the CUDA tests, short AMP training runs with CBN and MABN, the block- and detector-level
+benchmarks on CUDA and (with >= 2 GPUs) a two-process step, each with its own time limit;
+``--output-dir`` receives ``report.md`` (Markdown for docs/BENCHMARKS.md), ``results.json`` and
+``gpu_check.log``. Without CUDA it stops at once with exit status 2. See ``--help`` and
+docs/BENCHMARKS.md ("GPU"); the work is done by :mod:`smallbn_d2.benchmark.gpu_check`.
+"""
+import os
+import sys
+import types
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _import_gpu_check():
+    """:mod:`smallbn_d2.benchmark.gpu_check` WITHOUT running ``smallbn_d2/__init__.py``, which
+    imports torch and Detectron2: on a fresh GPU machine Detectron2 is not installed yet (this
+    command installs it), and without CUDA the refusal must come before any heavy import. The
+    modules it imports use only the standard library."""
+    if "smallbn_d2" not in sys.modules:
+        package = types.ModuleType("smallbn_d2")
+        package.__path__ = [os.path.join(REPO, "smallbn_d2")]
+        sys.modules["smallbn_d2"] = package
+    from smallbn_d2.benchmark import gpu_check
+
+    return gpu_check
+
+
+if __name__ == "__main__":
+    sys.exit(_import_gpu_check().main())
