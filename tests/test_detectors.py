@@ -13,6 +13,8 @@ from helpers import coco_batches, tiny_cfg, train_steps
 from smallbn_d2 import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 from smallbn_d2.modeling import iteration_norms
 
+pytestmark = pytest.mark.integration
+
 WHERE = {
     "faster_rcnn": ("backbone", "fpn", "box_head"),
     "mask_rcnn": ("backbone", "fpn", "box_head", "mask_head"),
@@ -69,9 +71,9 @@ def test_mabn_detectors_train(arch):
     _, layers = _train_and_check(arch, "MABN", MABN_ACTIVE)
     for layer in layers:
         assert type(layer) is MovingAverageBatchNorm2d and layer.buffer_size == 2
-        # iterations 0, 1, 2 are t = 1, 2, 3: the buffers hold t = 2, 3 and the SMA averaged them
-        assert sorted(int(v) for v in layer.chi2_iters) == [2, 3]
-        assert sorted(int(v) for v in layer.psi_iters) == [2, 3]  # the backward ran
+        # iterations 0, 1, 2 with m = 2: the buffers hold iterations 1, 2 and the SMA averaged them
+        assert sorted(int(v) for v in layer.chi2_iters) == [1, 2]
+        assert sorted(int(v) for v in layer.psi_iters) == [1, 2]  # the backward ran
         assert not torch.equal(layer.running_chi2, torch.ones_like(layer.running_chi2))
 
 

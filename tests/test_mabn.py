@@ -118,10 +118,10 @@ def test_matches_reference_across_warmups(m, warmup, renorm_warmup, device):
         torch.testing.assert_close(dw, dw_ref, **TOL)
         torch.testing.assert_close(db, db_ref, **TOL)
         torch.testing.assert_close(layer.running_chi2, ref.running, **TOL)
-        slot = t % m
+        slot = it % m  # the layer counts iterations from 0 (the reference's t = it + 1)
         torch.testing.assert_close(layer.chi2_buffer[slot], ref.chi2_hist[t], **TOL)
         torch.testing.assert_close(layer.psi_buffer[slot], ref.psi_hist[t], **TOL)
-        assert int(layer.chi2_iters[slot]) == t and int(layer.psi_iters[slot]) == t
+        assert int(layer.chi2_iters[slot]) == it and int(layer.psi_iters[slot]) == it
     # the test is only meaningful if r was clipped for some channels and not for others
     late = torch.stack(ref.r_log[max(renorm_warmup, warmup):])
     clipped = (late - 1.5).abs().lt(1e-12) | (late - 1 / 1.5).abs().lt(1e-12)
@@ -200,12 +200,12 @@ def test_skipped_and_repeated_iterations():
     c_used = (chi2[4] + chi2[6]) / 2
     z = x / torch.sqrt(c_used + eps).view(1, -1, 1, 1)
     p6 = (gy * z).mean(dim=(0, 2, 3))
-    psi4 = layer.psi_buffer[4 % m].clone()
-    assert int(layer.psi_iters[4 % m]) == 4
+    psi4 = layer.psi_buffer[3 % m].clone()  # t = 4 is iteration 3 (slots and tags are 0-based)
+    assert int(layer.psi_iters[3 % m]) == 3
     z_exp, dx_exp = expected(x, gy, c_used, (psi4 + p6) / 2)
     torch.testing.assert_close(y, z_exp, **TOL)
     torch.testing.assert_close(dx, dx_exp, **TOL)
-    assert int(layer.chi2_iters[5 % m]) == 2  # the skipped slot keeps its stale (ignored) entry
+    assert int(layer.chi2_iters[4 % m]) == 1  # the skipped slot keeps its stale (ignored) entry
 
     # t = 7 called twice: the second call overwrites slot 7 % m; window (4, 7] = {6, 7}
     xa, xb = random_input(gen), random_input(gen)
@@ -216,8 +216,8 @@ def test_skipped_and_repeated_iterations():
     cb = (xb ** 2).mean(dim=(0, 2, 3))
     c_used_a = (chi2[6] + (xa ** 2).mean(dim=(0, 2, 3))) / 2
     c_used_b = (chi2[6] + cb) / 2
-    torch.testing.assert_close(layer.chi2_buffer[7 % m], cb, **TOL)
-    assert int(layer.chi2_iters[7 % m]) == 7
+    torch.testing.assert_close(layer.chi2_buffer[6 % m], cb, **TOL)
+    assert int(layer.chi2_iters[6 % m]) == 6
     torch.testing.assert_close(yb, xb / torch.sqrt(c_used_b + eps).view(1, -1, 1, 1), **TOL)
     # running_chi2 is updated once per call
     mom = layer.momentum
@@ -226,7 +226,7 @@ def test_skipped_and_repeated_iterations():
     # psi: the second backward wrote slot 7 with its psi and used the window {6, 7}
     zb = xb / torch.sqrt(c_used_b + eps).view(1, -1, 1, 1)
     pb = (gy * zb).mean(dim=(0, 2, 3))
-    torch.testing.assert_close(layer.psi_buffer[7 % m], pb, **TOL)
+    torch.testing.assert_close(layer.psi_buffer[6 % m], pb, **TOL)
     _, dx_exp = expected(xb, gy, c_used_b, (p6 + pb) / 2)
     torch.testing.assert_close(dxb, dx_exp, **TOL)
 
@@ -240,7 +240,7 @@ def test_entries_from_later_iterations_are_ignored():
     for it in range(10):
         layer.set_iteration(it)
         layer(random_input(gen))
-    assert sorted(layer.chi2_iters.tolist()) == [8, 9, 10]
+    assert sorted(layer.chi2_iters.tolist()) == [7, 8, 9]
     layer.set_iteration(4)  # t = 5 > m: the window (2, 5] holds only this iteration's entry
     x = random_input(gen)
     y = layer(x)

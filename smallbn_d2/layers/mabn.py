@@ -147,15 +147,16 @@ class MovingAverageBatchNorm2d(IterationNormBase):
     """Moving Average Batch Normalization (Yan et al., ICLR 2020, Sec. 4; METHODS.md MABN 1-6).
 
     Input x: (N, C, H, W) (any (N, C, *) works); output: same shape and dtype. Per channel, with
-    t = trainer iteration + 1 (1-based, as the released code counts; the iteration comes from
-    :meth:`set_iteration`, never from counting calls) and m = ``buffer_size``:
+    t = the trainer iteration (0-based, from :meth:`set_iteration`, never from counting calls)
+    and m = ``buffer_size``:
 
     Training (METHODS.md items 1, 3, 4, 5):
         chi2_t   = E[x^2] over (N, H, W), written to slot t % m of ``chi2_buffer`` (tag t);
-        chi2     = chi2_t while t <= m or t < warmup_iters, else the simple moving average (SMA)
-                   of the buffer entries tagged in (t - m, t];
+        chi2     = chi2_t while t < m or t < warmup_iters - 1 (the released code's warm-up,
+                   which counts iterations from 1), else the simple moving average (SMA) of the
+                   buffer entries tagged in (t - m, t];
         z        = x / sqrt(chi2 + eps);
-        r        = 1 while t <= max(renorm_warmup_iters, warmup_iters), else
+        r        = 1 while t < max(renorm_warmup_iters, warmup_iters), else
                    clip(sqrt(chi2 + eps) / sqrt(running_chi2 + eps), 1/r_max, r_max), with
                    running_chi2 taken before this iteration's update; r is a constant;
         y        = gamma * r * z + beta;
@@ -201,15 +202,15 @@ class MovingAverageBatchNorm2d(IterationNormBase):
             normalized heads on COCO).
         momentum: EMA weight of the old ``running_chi2``, in (0, 1] (published 0.98).
         eps: > 0, added to chi2 inside the square root.
-        warmup_iters: iterations (integer >= 0) during which the current batch statistics
-            are used (t < warmup_iters) and r = 1 (t <= warmup_iters).
-        renorm_warmup_iters: integer >= 0; r = 1 while t <= max(renorm_warmup_iters,
+        warmup_iters: integer >= 0: the current batch statistics are used while
+            t < warmup_iters - 1 (and during the first m iterations), r = 1 while t < warmup_iters.
+        renorm_warmup_iters: integer >= 0; r = 1 while t < max(renorm_warmup_iters,
             warmup_iters) (released code: 1000).
         r_max: clip bound of r, finite number >= 1 (released code: 5).
         affine: learn gamma (``weight``) and beta (``bias``), shape (C,).
 
     Buffers (all in ``state_dict``): ``chi2_buffer`` (m, C) and ``psi_buffer`` (m, C) float32,
-    zeros; ``chi2_iters`` (m,) and ``psi_iters`` (m,) int64, -1 (the t that wrote each slot);
+    zeros; ``chi2_iters`` (m,) and ``psi_iters`` (m,) int64, -1 (the iteration t that wrote each slot);
     ``running_chi2`` (C,) float32, ones (the EMA population statistic chi2_ema).
 
     Raises:
@@ -289,12 +290,14 @@ class MovingAverageBatchNorm2d(IterationNormBase):
             )
         if not self.training:
             return self._inference(x)
-        t = self._require_iteration() + 1
+        t = self._require_iteration()
         if x.numel() == 0:
             return self._affine(x) if self.affine else x.clone()
         m = self.buffer_size
-        use_sma = not (t <= m or t < self.warmup_iters)
-        use_renorm = t > max(self.renorm_warmup_iters, self.warmup_iters)
+        # the released code's rules, which count iterations from 1: batch statistics while
+        # t + 1 <= m or t + 1 < warmup_iters; r = 1 while t + 1 <= max(renorm_warmup_iters, warmup_iters)
+        use_sma = t >= m and t + 1 >= self.warmup_iters
+        use_renorm = t >= max(self.renorm_warmup_iters, self.warmup_iters)
         with _no_autocast(x.device.type):
             return _MABNFunction.apply(x, self.weight, self.bias, self, t, use_sma, use_renorm)
 
