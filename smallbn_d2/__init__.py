@@ -8,24 +8,20 @@ Build models with :func:`smallbn_d2.build_model` (the config's hyperparameters i
 Detectron2 builds the model, then each layer wired to its producing conv) and train with
 :class:`smallbn_d2.engine.Trainer`, whose hook tells the layers the trainer iteration.
 """
-from . import compat as _compat
-
-_compat.install()  # TEMPORARY: until the installed environment carries the v0.6 fixes
-
-from .config import (  # noqa: E402
+from .config import (
     ConfigValueError,
     MissingConfigError,
     add_smallbn_config,
     resolve_burn_in,
     validate_smallbn_config,
 )
-from .layers import (  # noqa: E402
+from .layers import (
     CrossIterationBatchNorm2d,
     MovingAverageBatchNorm2d,
     NaiveCrossIterationBatchNorm2d,
     NormNotWiredError,
 )
-from .modeling import (  # noqa: E402
+from .modeling import (
     NormFamily,
     build_model,
     norm_hyperparameters,
@@ -34,9 +30,9 @@ from .modeling import (  # noqa: E402
     set_norm_iteration,
     supported_norms,
 )
-from .modeling import norms as _norms  # noqa: E402
-from .deploy import convert_to_frozen_bn  # noqa: E402
-from .convert import convert_norm  # noqa: E402
+from .modeling import norms as _norms
+from .deploy import convert_to_frozen_bn
+from .convert import convert_norm
 
 _norms.install()
 

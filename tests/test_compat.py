@@ -1,4 +1,6 @@
-"""smallbn_d2.compat: the detectron2._C fallback and the NumPy/Pillow aliases."""
+"""smallbn_d2.compat and the environment's Detectron2 fixes it relies on: the detectron2._C
+stub, the NumPy/Pillow aliases (applied by the start-up module smallbn_d2_detectron2_compat that
+tools/install_detectron2.py installs; tests/test_detectron2_env.py tests it without smallbn_d2)."""
 import importlib
 import subprocess
 import sys
@@ -39,7 +41,7 @@ def test_rotated_and_deformable_ops_raise_clear_error():
 def test_collect_env_reports_the_stub():
     from detectron2.utils.collect_env import collect_env_info
 
-    assert "smallbn_d2.compat's stub" in collect_env_info()
+    assert "stub of smallbn_d2_detectron2_compat" in collect_env_info()
 
 
 def test_compiled_extension_is_used_untouched(tmp_path):
@@ -67,11 +69,20 @@ def test_compiled_extension_is_used_untouched(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
-def test_install_is_idempotent():
-    finders = [f for f in sys.meta_path if type(f).__name__ == "_FallbackFinder"]
-    compat.install()
-    compat.install()
-    assert len([f for f in sys.meta_path if type(f).__name__ == "_FallbackFinder"]) == len(finders) == 1
+def test_importing_smallbn_d2_compat_has_no_side_effects():
+    """The module alone (loaded from its file, without the package) changes no import machinery
+    and imports neither Detectron2 nor NumPy."""
+    code = textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        before = list(sys.meta_path)
+        spec = importlib.util.spec_from_file_location("compat_alone", {compat.__file__!r})
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        print(sys.meta_path == before, sorted(m for m in ("detectron2", "numpy", "PIL") if m in sys.modules))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True []", (proc.stdout, proc.stderr[-2000:])
 
 
 def test_numpy_and_pillow_aliases():

@@ -19,7 +19,8 @@ from helpers import REPO, coco_batches, train_steps
 from smallbn_d2 import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 from smallbn_d2.engine import load_config
 from smallbn_d2.engine.syncbn import warn_single_process_syncbn
-from smallbn_d2.config import cbn_burn_in_iters
+from smallbn_d2.config import cbn_burn_in_iters, resolve_burn_in
+from smallbn_d2.engine.trainer import training_set_size
 
 pytestmark = pytest.mark.integration
 
@@ -195,6 +196,8 @@ def _norm_buffers(model):
 def test_config_builds_with_the_norm_at_every_place_and_takes_a_step(params):
     arch, norm, regime = params
     cfg = load_config(zoo_path(*params), SHRINK)
+    # the burn-in is given in epochs: converted with the training set size, as the Trainer does
+    cfg = resolve_burn_in(cfg, training_set_size(cfg))
     model = smallbn_d2.build_model(cfg)
     places = _place_norms(model, arch)
 

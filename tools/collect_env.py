@@ -85,7 +85,7 @@ def main(argv=None) -> None:
         print(collect_env_info())
     print(f"smallbn_d2 {smallbn_d2.__version__} @ {os.path.dirname(smallbn_d2.__file__)}")
     print("detectron2._C:", "compiled extension at " + str(getattr(C, "__file__", "?")) if has_compiled_ops()
-          else "smallbn_d2.compat stub (no compiled ops: rotated boxes, deformable conv on CUDA, fast COCOeval)")
+          else "stub of smallbn_d2_detectron2_compat (no compiled ops: rotated boxes, deformable conv on CUDA, fast COCOeval)")
     print("norm names:", ", ".join(smallbn_d2.supported_norms()))
     for line in datasets_report():
         print(line)
