@@ -102,7 +102,7 @@ def test_readme_example_resnet18_cbn(one_thread):
     batches = _coco_batches(4)
     losses = []
 
-    # ---- README example (docs/_draft_any_model.md), identical code --------------------------
+    # ---- README example ("Any PyTorch model"), identical code --------------------------
     model = torchvision.models.resnet18(weights=None, num_classes=10)  # or your pretrained model
     _randomize_bn(model)  # test only
     bns = _bn_snapshot(model)  # test only

@@ -173,7 +173,7 @@ def test_export_tool_writes_torchscript_equal_to_eager_and_never_overwrites(tmp_
 
 # ----------------------------------------------------------------------------- ONNX
 def test_onnx_export_of_the_full_detector_equals_eager(tmp_path):
-    pytest.importorskip("onnx", reason="ONNX export needs the 'onnx' package (not a requirement of smallbn_d2)")
+    pytest.importorskip("onnx", reason="ONNX export needs the 'onnx' package (installed by tools/install.sh)")
     ort = pytest.importorskip("onnxruntime", reason="running the ONNX model needs 'onnxruntime'")
     model, inputs, ref = _model("CBN")
     model, _ = convert_for_inference(model, fold=True)

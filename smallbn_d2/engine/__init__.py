@@ -4,4 +4,4 @@ from .freeze import FreezeNormStatsHook, freeze_norm_statistics
 from .hooks import NormIterationHook
 from .launch import launch
 from .precise_norm import PreciseNorm, update_norm_stats
-from .trainer import Trainer
+from .trainer import Trainer, training_set_size
