@@ -62,6 +62,7 @@ from .modeling.norms import head_types
 __all__ = [
     "SMALLBN_KEYS",
     "model_zoo_config",
+    "mask_rcnn_fpn_1x_with_norm",
     "burn_in_iterations",
     "check_norm_arguments",
     "check_smallbn_field",
@@ -102,6 +103,31 @@ def model_zoo_config(path: str):
         raise FileNotFoundError(
             f"Detectron2 model-zoo config {path!r} not found under {where}. Detectron2 installs its "
             "configs with its package; tools/install.sh does so for Detectron2 v0.6.") from e
+
+
+def mask_rcnn_fpn_1x_with_norm(norm: str):
+    """Detectron2's model-zoo ``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py`` with ``norm``
+    in the FPN, a 4conv1fc box head and the mask head (the CBN paper's "normalized heads"), the
+    pretrained backbone kept FrozenBN, and COCO evaluation with pycocotools' COCOeval where
+    Detectron2's compiled extension is absent (same AP).
+
+    Args:
+        norm: a norm name (e.g. "CBN", "MABN", "GN").
+    Returns:
+        the config (``model``, ``dataloader``, ``optimizer``, ``lr_multiplier``, ``train``).
+    Raises:
+        FileNotFoundError: as :func:`model_zoo_config`.
+    """
+    from .compat import has_compiled_ops
+
+    cfg = model_zoo_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py")
+    cfg.model.backbone.norm = norm  # FPN lateral and output convs
+    cfg.model.roi_heads.box_head.conv_dims = [256, 256, 256, 256]  # 4conv1fc box head
+    cfg.model.roi_heads.box_head.fc_dims = [1024]
+    cfg.model.roi_heads.box_head.conv_norm = norm
+    cfg.model.roi_heads.mask_head.conv_norm = norm
+    cfg.dataloader.evaluator.use_fast_impl = has_compiled_ops()
+    return cfg
 
 
 def burn_in_iterations(epochs: float, num_images: int, images_per_iteration: int) -> int:

@@ -13,24 +13,11 @@ CBN: window size k = 8 (8 x 2 images per GPU = 16), burn-in 3 epochs of COCO tra
 (117266 images after removing those without annotations) at 16 images per iteration, in
 iterations. Train with tools/lazyconfig_train_net.py.
 """
-from smallbn_d2.compat import has_compiled_ops
-from smallbn_d2.lazy import burn_in_iterations, model_zoo_config
+from smallbn_d2.lazy import burn_in_iterations, mask_rcnn_fpn_1x_with_norm
 
-_base = model_zoo_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py")
-model = _base.model
-dataloader = _base.dataloader
-optimizer = _base.optimizer
-lr_multiplier = _base.lr_multiplier
-train = _base.train
-
-_NORM = "CBN"
-model.backbone.norm = _NORM  # FPN lateral and output convs
-model.roi_heads.box_head.conv_dims = [256, 256, 256, 256]  # 4conv1fc box head
-model.roi_heads.box_head.fc_dims = [1024]
-model.roi_heads.box_head.conv_norm = _NORM
-model.roi_heads.mask_head.conv_norm = _NORM
-# pycocotools' COCOeval where Detectron2's compiled extension is absent (same AP)
-dataloader.evaluator.use_fast_impl = has_compiled_ops()
+_base = mask_rcnn_fpn_1x_with_norm("CBN")
+model, dataloader, optimizer, lr_multiplier, train = (
+    _base.model, _base.dataloader, _base.optimizer, _base.lr_multiplier, _base.train)
 
 smallbn = dict(
     norms=dict(CBN=dict(window_size=8,

@@ -13,24 +13,11 @@ MABN: buffer size m = 32, EMA momentum 0.98; the box and mask heads use the curr
 statistics for their first 10k iterations (warm-up). Weight centralization applies to the convs
 that feed MABN layers (FPN and heads). Train with tools/lazyconfig_train_net.py.
 """
-from smallbn_d2.compat import has_compiled_ops
-from smallbn_d2.lazy import model_zoo_config
+from smallbn_d2.lazy import mask_rcnn_fpn_1x_with_norm
 
-_base = model_zoo_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py")
-model = _base.model
-dataloader = _base.dataloader
-optimizer = _base.optimizer
-lr_multiplier = _base.lr_multiplier
-train = _base.train
-
-_NORM = "MABN"
-model.backbone.norm = _NORM  # FPN lateral and output convs
-model.roi_heads.box_head.conv_dims = [256, 256, 256, 256]  # 4conv1fc box head
-model.roi_heads.box_head.fc_dims = [1024]
-model.roi_heads.box_head.conv_norm = _NORM
-model.roi_heads.mask_head.conv_norm = _NORM
-# pycocotools' COCOeval where Detectron2's compiled extension is absent (same AP)
-dataloader.evaluator.use_fast_impl = has_compiled_ops()
+_base = mask_rcnn_fpn_1x_with_norm("MABN")
+model, dataloader, optimizer, lr_multiplier, train = (
+    _base.model, _base.dataloader, _base.optimizer, _base.lr_multiplier, _base.train)
 
 smallbn = dict(
     norms=dict(MABN=dict(buffer_size=32, momentum=0.98)),
