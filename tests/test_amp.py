@@ -140,7 +140,7 @@ def test_bf16_autocast_in_a_detector(norm):
             for key, expected in stats.items():
                 stored = getattr(layer, key)
                 if key == "chi2_buffer":
-                    stored = stored[1]  # slot t % m with t = 1
+                    stored = stored[0]  # slot t % m with t = 0 (the iteration, 0-based)
                 elif key == "window_mu":
                     stored = stored[0]  # slot t % (k - 1) with t = 0
                 assert stored.dtype == torch.float32, (name, key)
