@@ -78,5 +78,5 @@ def test_compiled_training_block_equals_eager(kind):
     layer = block[1]
     if kind == "CBN":
         assert layer.effective_window_size() == 2 and int((layer.window_iters >= 0).sum()) == 1
-    else:  # t = 3 > m = 2: SMA over two entries
-        assert sorted(layer.chi2_iters.tolist()) == [2, 3] and sorted(layer.psi_iters.tolist()) == [2, 3]
+    else:  # iteration 2 >= m = 2: SMA over the entries of iterations 1 and 2
+        assert sorted(layer.chi2_iters.tolist()) == [1, 2] and sorted(layer.psi_iters.tolist()) == [1, 2]

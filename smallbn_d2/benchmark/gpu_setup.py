@@ -52,6 +52,7 @@ TORCH_PACKAGES = ("torch", "torchvision")
 #: Packages the GPU machine's Python provides (with torch, torchvision and their dependencies);
 #: not downloaded. Requirements on anything else must be met by the folder.
 GPU_PROVIDED = ("numpy", "pillow", "opencv-python-headless", "matplotlib", "tensorboard", "pytest", "packaging",
+                "onnx", "onnxruntime",
                 "typing-extensions")
 #: Detectron2's distribution, built by ``tools/install_detectron2.py --wheel-dir``.
 DETECTRON2_REQUIREMENT = "pb1-detectron2==0.6"
