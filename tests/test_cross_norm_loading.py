@@ -19,6 +19,8 @@ from smallbn_d2.checkpoint import NormCheckpointer, convert_norm_state_dict
 from smallbn_d2.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 from smallbn_d2.modeling import iteration_norms
 
+pytestmark = pytest.mark.integration
+
 _SOURCE_TYPES = (nn.BatchNorm2d, FrozenBatchNorm2d)
 
 

@@ -27,6 +27,8 @@ from smallbn_d2.layers import (
 
 from helpers import REPO, coco_batches, tiny_cfg, train_steps
 
+pytestmark = pytest.mark.integration
+
 NORM_TYPES = (IterationNormBase, nn.BatchNorm2d, nn.SyncBatchNorm)
 
 

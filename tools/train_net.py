@@ -12,29 +12,35 @@ values, norm names, dataset paths, output dir, checkpoint shapes) is reported as
 message before training starts.
 
 A new run refuses a non-empty OUTPUT_DIR (``--resume`` continues the run there,
-``--allow-existing-output-dir`` overrides). Datasets: ``$DETECTRON2_DATASETS``, else
-``./datasets``, else ``<repo>/datasets``, else ``<repo>/../shared/datasets``.
+``--allow-existing-output-dir`` overrides). Datasets: the COCO 2017 sample shipped with
+smallbn_d2 (``coco_2017_sample_train``/``_val``, registered here); Detectron2's builtin names
+(``coco_2017_train``, ...) under ``$DETECTRON2_DATASETS``. A training run ends with a short
+summary: AP per test set (a test set that is also a training set is a fit check, not accuracy),
+wall time, outputs, and the command that compares runs.
 """
 import logging
+import os
 import sys
+import time
 
 import torch
 
-import smallbn_d2  # noqa: F401  (first: compatibility fixes, datasets root, norm names)
+import smallbn_d2  # noqa: F401  (first: compatibility fixes, norm names)
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from smallbn_d2.checkpoint import NormCheckpointer, NormStateShapeError
 from smallbn_d2.config import ConfigValueError
-from smallbn_d2.data import DatasetsNotFoundError, check_datasets_exist
+from smallbn_d2.data import DatasetsNotFoundError, SampleRegistrationError, check_datasets_exist, register_coco_sample
 from smallbn_d2.engine import OutputDirExistsError, Trainer, check_output_dir, load_config
 from smallbn_d2.engine.launch import check_cpu_distributed, check_norm_names, launch
 from smallbn_d2.layers import NormNotWiredError
+from smallbn_d2.utils.summary import run_summary
 
 # Errors caused by the user's input; printed without a traceback.
 USER_ERRORS = (OutputDirExistsError, ConfigValueError, DatasetsNotFoundError, NormNotWiredError, FileNotFoundError,
-               NormStateShapeError)
+               NormStateShapeError, SampleRegistrationError)
 
 logger = logging.getLogger("smallbn_d2")
 
@@ -50,6 +56,8 @@ def setup(args):
 
 
 def main(args):
+    start = time.perf_counter()
+    register_coco_sample()  # in every launched process (each is a new interpreter)
     cfg = setup(args)
     if cfg.MODEL.DEVICE == "cpu":
         # Subnormal floats (|x| < 1.2e-38), common in gradients of models trained from scratch,
@@ -65,7 +73,11 @@ def main(args):
         return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    result = trainer.train()
+    if comm.is_main_process():
+        compare_tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_runs.py")
+        print(run_summary(cfg, time.perf_counter() - start, sys.executable, compare_tool), flush=True)
+    return result
 
 
 def argument_parser():
@@ -79,10 +91,11 @@ def argument_parser():
 def cli():
     args = argument_parser().parse_args()
     try:
+        register_coco_sample()  # coco_2017_sample_train / _val, before anything is built
         # Checked once, before any process starts or writes to OUTPUT_DIR.
         cfg = load_config(args.config_file, args.opts)
         check_output_dir(cfg.OUTPUT_DIR, resume=args.resume, eval_only=args.eval_only,
-                         allow_existing=args.allow_existing_output_dir)
+                         allow_existing=args.allow_existing_output_dir, weights=cfg.MODEL.WEIGHTS)
         check_norm_names(cfg)
         check_cpu_distributed(cfg, args.num_gpus * args.num_machines)
         check_datasets_exist(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))

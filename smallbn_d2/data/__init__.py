@@ -1,4 +1,20 @@
-"""Where smallbn_d2 finds its datasets (Detectron2's builtin COCO names)."""
-from .paths import DatasetsNotFoundError, candidate_dataset_roots, check_datasets_exist, default_datasets_root
+"""Datasets: the COCO 2017 sample shipped with the package, and clear errors for missing data.
 
-__all__ = ["DatasetsNotFoundError", "candidate_dataset_roots", "check_datasets_exist", "default_datasets_root"]
+* :func:`register_coco_sample` registers ``coco_2017_sample_train`` / ``coco_2017_sample_val``
+  (not done on import: ``tools/train_net.py`` and the trainer call it);
+* Detectron2's builtin names (``coco_2017_train``, ...) resolve under ``$DETECTRON2_DATASETS``;
+  :func:`check_datasets_exist` says which file is missing and where it was looked for.
+"""
+from .paths import DatasetsNotFoundError, check_datasets_exist, datasets_root
+from .sample import SAMPLE_DATASETS, SAMPLE_ROOT, SampleRegistrationError, coco_sample_files, register_coco_sample
+
+__all__ = [
+    "DatasetsNotFoundError",
+    "check_datasets_exist",
+    "datasets_root",
+    "SAMPLE_DATASETS",
+    "SAMPLE_ROOT",
+    "SampleRegistrationError",
+    "coco_sample_files",
+    "register_coco_sample",
+]
