@@ -41,12 +41,29 @@ def trained_run(tmp_path_factory):
 
 def test_losses_finite_and_outputs_written(trained_run):
     out, _, _ = trained_run
-    for name in ("log.txt", "metrics.json", "last_checkpoint", "config.yaml", "model_final.pth",
-                 os.path.join("inference", "coco_instances_results.json")):
+    for name in ("log.txt", "metrics.json", "last_checkpoint", "config.yaml", "model_final.pth"):
         assert (out / name).exists(), name
     rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()]
     losses = [r["total_loss"] for r in rows if "total_loss" in r]
     assert losses and all(math.isfinite(v) for v in losses)
+
+
+def test_each_test_set_keeps_its_own_predictions(trained_run):
+    """Two test sets: each one's predictions go to inference/<dataset>/, and each file holds
+    predictions for that dataset's images only (the second does not replace the first)."""
+    from detectron2.data import DatasetCatalog
+
+    from smallbn_d2.data import register_coco_sample
+
+    out, _, _ = trained_run
+    register_coco_sample()
+    for name in ("coco_2017_sample_val", "coco_2017_sample_train"):
+        path = out / "inference" / name / "coco_instances_results.json"
+        assert path.exists(), path
+        predicted = {p["image_id"] for p in json.loads(path.read_text())}
+        images = {d["image_id"] for d in DatasetCatalog.get(name)}
+        assert predicted and predicted <= images, (name, sorted(predicted - images)[:5])
+    assert not (out / "inference" / "coco_instances_results.json").exists()
 
 
 def test_box_and_mask_ap_are_finite_numbers(trained_run):

@@ -60,7 +60,8 @@ class Trainer(DefaultTrainer):
       (:class:`~smallbn_d2.engine.resources.PeakMemoryHook`) and inference s/image from :meth:`test`;
       a warning when SyncBN runs in a single process (it is then plain BN).
     * :meth:`build_evaluator`: ``COCOEvaluator`` (box AP, and mask AP when ``MODEL.MASK_ON``),
-      writing ``inference/coco_instances_results.json``; it uses pycocotools' COCOeval when
+      writing ``inference/coco_instances_results.json`` (``inference/<dataset>/...`` when
+      ``DATASETS.TEST`` names several datasets); it uses pycocotools' COCOeval when
       Detectron2's compiled ``_C`` is absent (same numbers, slower).
     * ``self.checkpointer`` is a :class:`smallbn_d2.checkpoint.NormCheckpointer`: it loads BN /
       FrozenBN checkpoints into CBN/MABN models and refuses mis-shaped CBN/MABN state with a
@@ -125,8 +126,13 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """``COCOEvaluator`` writing to ``output_folder``, by default ``OUTPUT_DIR/inference`` when
+        ``DATASETS.TEST`` has one dataset and ``OUTPUT_DIR/inference/<dataset_name>`` when it has
+        several (so that the second test set's results do not replace the first's)."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+            if len(cfg.DATASETS.TEST) > 1:
+                output_folder = os.path.join(output_folder, dataset_name)
         return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops())
 
     def build_hooks(self):
