@@ -4,7 +4,8 @@ import os
 
 from detectron2.config import CfgNode
 
-from smallbn_d2.utils.summary import FIT_CHECK_LABEL, final_results, format_duration, format_summary, run_summary
+from smallbn_d2.utils.summary import (FIT_CHECK_LABEL, final_results, format_duration, format_summary, loss_trend,
+                                      run_summary)
 
 VAL, TRAIN = "coco_2017_sample_val", "coco_2017_sample_train"
 
@@ -56,13 +57,29 @@ def test_summary_without_results_or_test_sets_says_so():
 def test_run_summary_reads_metrics_json_and_names_the_compare_tool(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    rows = [{"iteration": 19, "total_loss": 2.0},
-            {"iteration": 20, f"{VAL}/bbox/AP": 0.7, f"{VAL}/segm/AP": 0.3, f"{TRAIN}/bbox/AP": 9.0,
+    rows = [{"iteration": 19, "total_loss": 2.0}, {"iteration": 39, "total_loss": 1.5},
+            {"iteration": 39, f"{VAL}/bbox/AP": 0.7, f"{VAL}/segm/AP": 0.3, f"{TRAIN}/bbox/AP": 9.0,
              f"{TRAIN}/segm/AP": 6.0}]
     (out / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = CfgNode({"OUTPUT_DIR": str(out), "DATASETS": {"TRAIN": (TRAIN,), "TEST": (VAL, TRAIN)}})
     tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "compare_runs.py")
     text = run_summary(cfg, 12.0, "/usr/bin/python3", tool)
     assert "box AP 0.700, mask AP 0.300" in text and "box AP 9.000, mask AP 6.000" in text
+    assert "2.000 after 20 iterations, 1.500 after 40" in text
     assert f"/usr/bin/python3 {os.path.relpath(tool)} {out} OTHER_OUTPUT_DIR" in text
     assert os.path.isfile(tool)
+
+
+def test_loss_trend_takes_the_first_and_last_finite_logged_loss_and_the_last_write_of_an_iteration():
+    rows = [{"iteration": 19, "total_loss": 5.0}, {"iteration": 39, "total_loss": float("nan")},
+            {"iteration": 39, "total_loss": 3.0}, {"iteration": 59, "bbox/AP": 1.0},
+            {"iteration": 59, "total_loss": 2.5}, {"iteration": 59, "total_loss": 2.0}]
+    assert loss_trend(rows) == (19, 5.0, 59, 2.0)
+    assert loss_trend(rows[:1]) is None
+    assert loss_trend([{"iteration": 5, "total_loss": float("inf")}, {"iteration": 9, "total_loss": 1.0}]) is None
+
+
+def test_summary_gives_the_loss_trend_in_one_based_iteration_counts():
+    text = format_summary({}, [VAL], [TRAIN], 1.0, "o", "c", losses=(19, 4.95, 479, 2.0123))
+    assert "Training loss (total_loss as logged): 4.950 after 20 iterations, 2.012 after 480" in text
+    assert "Training loss" not in format_summary({}, [VAL], [TRAIN], 1.0, "o", "c")

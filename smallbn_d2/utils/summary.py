@@ -3,8 +3,9 @@
 It gives, from the run's ``metrics.json`` (Detectron2's ``COCOEvaluator`` results of the final
 evaluation, AP in percent): box and mask AP of every test set; a test set that is also a training
 set is labelled as a *fit check* (evaluation on the training images: it shows that the model
-learns, it is not an accuracy figure); the wall time; where the outputs are; and the command that
-compares runs (``tools/compare_runs.py``).
+learns, it is not an accuracy figure); how the training loss went (``total_loss`` early and late in
+the run: from scratch, a detector's loss falls well before its AP leaves zero); the wall time;
+where the outputs are; and the command that compares runs (``tools/compare_runs.py``).
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import math
 import os
 import re
 import shlex
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .run_metrics import read_metrics
 
-__all__ = ["FIT_CHECK_LABEL", "final_results", "format_duration", "format_summary", "run_summary"]
+__all__ = ["FIT_CHECK_LABEL", "final_results", "format_duration", "format_summary", "loss_trend", "run_summary"]
 
 FIT_CHECK_LABEL = "fit check on the training images, not accuracy"
 _KEY = re.compile(r"^(?:(?P<dataset>.+)/)?(?P<task>bbox|segm)/(?P<metric>AP|AP50|AP75|APs|APm|APl)$")
@@ -51,6 +52,26 @@ def final_results(rows: Sequence[Mapping], test_sets: Sequence[str]) -> Dict[str
     return {}
 
 
+def loss_trend(rows: Sequence[Mapping]) -> Optional[Tuple[int, float, int, float]]:
+    """``(first_iteration, first_loss, last_iteration, last_loss)``: the first and the last finite
+    ``total_loss`` in metrics.json rows (Detectron2 writes, every 20 iterations by default, the
+    median over the last 20 iterations; iterations 0-based as written); None when fewer than two
+    rows have one. A resumed run's repeated iteration counts: the row written last wins.
+
+    Args:
+        rows: metrics.json rows (:func:`smallbn_d2.utils.run_metrics.read_metrics`).
+    """
+    by_iter: Dict[int, float] = {}
+    for row in rows:
+        value = row.get("total_loss")
+        if isinstance(value, (int, float)) and math.isfinite(value) and "iteration" in row:
+            by_iter[int(row["iteration"])] = float(value)
+    if len(by_iter) < 2:
+        return None
+    first, last = min(by_iter), max(by_iter)
+    return first, by_iter[first], last, by_iter[last]
+
+
 def format_duration(seconds: float) -> str:
     """``"4 min 51 s"``, ``"1 h 02 min 05 s"`` or ``"42.0 s"`` for a duration in seconds (>= 0)."""
     if seconds < 60:
@@ -69,7 +90,8 @@ def _ap(results: Mapping[str, Mapping[str, float]], task: str) -> Optional[str]:
 
 
 def format_summary(results: Mapping[str, Mapping[str, Mapping[str, float]]], test_sets: Sequence[str],
-                   train_sets: Sequence[str], wall_s: float, output_dir: str, compare_command: str) -> str:
+                   train_sets: Sequence[str], wall_s: float, output_dir: str, compare_command: str,
+                   losses: Optional[Tuple[int, float, int, float]] = None) -> str:
     """The summary text (several lines, no trailing newline).
 
     Args:
@@ -79,6 +101,7 @@ def format_summary(results: Mapping[str, Mapping[str, Mapping[str, float]]], tes
         wall_s: wall time of the run in seconds.
         output_dir: where the outputs are.
         compare_command: the command line that compares this run with others.
+        losses: :func:`loss_trend` of the run, or None (no line).
     """
     lines: List[str] = ["", "== Summary =="]
     if not test_sets:
@@ -91,6 +114,10 @@ def format_summary(results: Mapping[str, Mapping[str, Mapping[str, float]]], tes
             continue
         aps = [f"{title} {_ap(res, task)}" for task, title in _TASK_NAMES if _ap(res, task) is not None]
         lines.append(f"{label} ({name}): {', '.join(aps) or 'no box or mask AP'} (COCO AP, %)")
+    if losses is not None:
+        first_it, first, last_it, last = losses
+        lines.append(f"Training loss (total_loss as logged): {first:.3f} after {first_it + 1} iterations, "
+                     f"{last:.3f} after {last_it + 1}")
     lines.append(f"Wall time: {format_duration(wall_s)} (training and evaluation)")
     lines.append(f"Outputs: {output_dir} (log.txt, metrics.json, config.yaml, model_final.pth, inference/)")
     lines.append(f"Compare with other runs: {compare_command}")
@@ -116,4 +143,5 @@ def run_summary(cfg, wall_s: float, python: str, compare_tool: str) -> str:
     test_sets, train_sets = list(cfg.DATASETS.TEST), list(cfg.DATASETS.TRAIN)
     command = " ".join(shlex.quote(p) for p in (_short_path(python), _short_path(compare_tool), cfg.OUTPUT_DIR))
     command += " OTHER_OUTPUT_DIR ..."
-    return format_summary(final_results(rows, test_sets), test_sets, train_sets, wall_s, cfg.OUTPUT_DIR, command)
+    return format_summary(final_results(rows, test_sets), test_sets, train_sets, wall_s, cfg.OUTPUT_DIR, command,
+                          losses=loss_trend(rows))
