@@ -13,9 +13,10 @@ C++ on the CPU: measured 81 s for the first iteration of the CBN block and 23 s 
 the 2-core CI machine, against about 5 s here; its code generation is not what these tests are
 about. float64, so that compiled and eager results can be compared tightly.
 
-Note: each new trainer iteration is a new compilation today (Dynamo treats the layer's integer
-``iteration`` attribute as a constant: guard ``iteration == t``); the tests therefore keep to a
-few iterations.
+By default Dynamo treats the layer's integer ``iteration`` attribute as a constant (guard
+``iteration == t``), so each new trainer iteration is a new compilation; README tells users to set
+``torch._dynamo.config.allow_unspec_int_on_nn_module = True``, with which the compilations stop
+after the burn-in / warm-up boundaries (checked below).
 """
 import pytest
 import torch
@@ -80,3 +81,28 @@ def test_compiled_training_block_equals_eager(kind):
         assert layer.effective_window_size() == 2 and int((layer.window_iters >= 0).sum()) == 1
     else:  # iteration 2 >= m = 2: SMA over the entries of iterations 1 and 2
         assert sorted(layer.chi2_iters.tolist()) == [1, 2] and sorted(layer.psi_iters.tolist()) == [1, 2]
+
+
+@pytest.mark.parametrize("kind", ["CBN", "MABN"])
+def test_with_unspecialized_module_ints_the_iterations_stop_recompiling(kind):
+    """README's setting: 12 iterations (past CBN's burn-in, past MABN's warm-ups) compile at most
+    4 times, none after iteration 6, and the last iterations still equal eager."""
+    torch._dynamo.reset()
+    (eager, _), (block, _) = _block(kind), _block(kind)
+    counter = CompileCounterWithBackend("aot_eager")
+    frames = []
+    with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+        compiled = torch.compile(block, backend=counter)
+        gen = torch.Generator().manual_seed(1)
+        for it in range(12):
+            u = torch.randn(2, 3, 8, 8, generator=gen, dtype=F64) + 0.5
+            outs = []
+            for model, fn in ((eager, eager), (block, compiled)):
+                model[1].set_iteration(it)
+                ui = u.clone().requires_grad_(True)
+                y = fn(ui)
+                y.sum().backward()
+                outs.append((y.detach(), ui.grad))
+            torch.testing.assert_close(outs[1], outs[0], **TIGHT)
+            frames.append(counter.frame_count)
+    assert frames[-1] <= 4 and frames[6] == frames[-1], frames
