@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 from .measure import PeakRSS, Timer, memory_env_active, rss_bytes
 from .settings import INFERENCE_SAME_AS, NO_FROZEN_FORM, make_cfg
 
-__all__ = ["load_batches", "calibrate_frozen_bn", "build_benchmark_model", "rotated", "train_step", "child_train",
-           "child_memory", "child_inference", "CHILD_MODES", "run_child_mode"]
+__all__ = ["load_batches", "calibrate_frozen_bn", "build_benchmark_model", "rotated", "train_step",
+           "inference_models", "time_inference", "child_train", "child_memory", "child_inference", "CHILD_MODES",
+           "run_child_mode"]
 
 
 def load_batches(cfg, n: int, is_train: bool, seed: int = 0) -> list:
@@ -198,31 +199,79 @@ def child_memory(args) -> Dict:
     return {"setting": setting, "norm": norm, "peak_bytes": max(peaks), "nonfinite_losses": nonfinite}
 
 
+def inference_models(models_by_norm: Dict[str, object], stats_batches: list) -> Dict[str, object]:
+    """The models whose inference is timed, keyed ``"<norm>|eval"`` and ``"<norm>|converted"``.
+
+    Each model (a Detectron2 model in training mode, changed in place) first gets population
+    statistics from ``stats_batches`` (training batches, as PreciseBN computes them: with the
+    initial ones, mean 0 and variance 1, a random model's activations overflow, its boxes are not
+    finite, Detectron2 drops them and the mask head runs on nothing), then goes to eval mode
+    (``"|eval"``); norms with a FrozenBN form (all but those in ``NO_FROZEN_FORM``, e.g. GN) also
+    get a ``convert_to_frozen_bn`` copy (``"|converted"``).
+    """
+    from ..deploy import convert_to_frozen_bn
+    from ..engine import update_norm_stats
+
+    out = {}
+    for norm, model in models_by_norm.items():
+        update_norm_stats(model, stats_batches, num_iters=len(stats_batches))
+        model.eval()
+        out[f"{norm}|eval"] = model
+        if norm not in NO_FROZEN_FORM:
+            out[f"{norm}|converted"] = convert_to_frozen_bn(copy.deepcopy(model), fold=False).eval()
+    return out
+
+
+def time_inference(models: Dict[str, Callable], images: list, repeats: int,
+                   timer: Callable[[], Timer]) -> Tuple[Dict[str, List[float]], Dict[str, int]]:
+    """Time every model on the same images, interleaved: for each (repeat, image) every model runs
+    once, in an order rotated by one per image (:func:`rotated`), so that a change of the shared
+    machine's speed hits all models alike. One untimed image per model first.
+
+    Args:
+        models: key -> Detectron2 model in eval mode (called with ``[image dict]``).
+        images: test dataset dicts (mapped); repeats: passes over them (>= 1).
+        timer: makes the :class:`~.measure.Timer` of one call (its clock, and a device sync on GPUs).
+    Returns:
+        ``(times, detections)``: key -> seconds per (repeat, image) in run order, and key -> the
+        number of detections on the first image (the mask head's cost depends on it).
+    """
+    import torch
+
+    keys = list(models)
+    times: Dict[str, List[float]] = {k: [] for k in keys}
+    with torch.no_grad():
+        detections = {k: len(models[k]([images[0]])[0]["instances"]) for k in keys}
+        step = 0
+        for _ in range(repeats):
+            for img in images:
+                for k in rotated(keys, step):
+                    with timer() as tm:
+                        models[k]([img])
+                    times[k].append(tm.s)
+                step += 1
+    return times, detections
+
+
 def child_inference(args) -> Dict:
     """Time inference of every norm of one setting in ONE process, interleaved image by image.
 
     Inference cost does not depend on the values of the weights or statistics, only on the
     layers; so the models are built with the same seed (identical conv weights: the norms' own
     parameters are constant at initialization), not trained, and compared on the same images in
-    rotating order (each (image, repeat) runs every model once), which cancels the drift of a
-    shared machine between separate processes (several percent, larger than the 2% target).
-    Per model: eval mode, and (except norms without a FrozenBN form, GN) after
-    ``convert_to_frozen_bn``. The cost does depend on the number of detections (the mask head
-    runs on each), so the population statistics are first computed from two batches (as
-    PreciseBN does) and the number of detections on the first image is returned for each model.
+    rotating order (:func:`time_inference`), which cancels the drift of a shared machine between
+    separate processes (several percent, larger than the 2% target). Per model: eval mode, and
+    (except norms without a FrozenBN form, GN) after ``convert_to_frozen_bn``, with population
+    statistics from two batches (:func:`inference_models`); the number of detections on the first
+    image is returned for each model.
 
     Returns:
         ``{"setting", "times": {"<row>|eval"|"<row>|converted": [s per (image, repeat)]},
         "detections": {same keys: detections on the first image}}``.
     """
-    import torch
-
-    from ..deploy import convert_to_frozen_bn
-    from ..engine import update_norm_stats
-
     _setup_child(args)
     setting = args.child_setting
-    models = {}
+    built = {}
     images = stats_batches = None
     for norm in [n for n in args.norms if n not in INFERENCE_SAME_AS]:
         cfg = make_cfg(args, setting, norm)
@@ -230,32 +279,10 @@ def child_inference(args) -> Dict:
             images = load_batches(cfg, args.infer_images, is_train=False)
         if stats_batches is None:
             stats_batches = load_batches(cfg, 2, is_train=True)
-        model = build_benchmark_model(cfg, setting, stats_batches[0])
-        # population statistics from data (PreciseBN), as a trained model has them: with the
-        # initial ones (mean 0, variance 1) a random model's activations overflow, its boxes are
-        # not finite, Detectron2 drops them and the mask head runs on nothing
-        update_norm_stats(model, stats_batches, num_iters=len(stats_batches))
-        model.eval()
-        models[(norm, "eval")] = model
-        if norm not in NO_FROZEN_FORM:
-            models[(norm, "converted")] = convert_to_frozen_bn(copy.deepcopy(model), fold=False).eval()
-    keys = list(models)
-    times = {k: [] for k in keys}
-    detections = {}
-    with torch.no_grad():
-        for k in keys:  # one untimed image per model
-            detections[k] = len(models[k]([images[0]])[0]["instances"])
-        step = 0
-        for _ in range(args.infer_repeats):
-            for img in images:
-                order = rotated(keys, step)
-                step += 1
-                for k in order:
-                    with Timer(args.clock) as tm:
-                        models[k]([img])
-                    times[k].append(tm.s)
-    return {"setting": setting, "times": {f"{n}|{kind}": ts for (n, kind), ts in times.items()},
-            "detections": {f"{n}|{kind}": d for (n, kind), d in detections.items()}}
+        built[norm] = build_benchmark_model(cfg, setting, stats_batches[0])
+    times, detections = time_inference(inference_models(built, stats_batches), images, args.infer_repeats,
+                                       lambda: Timer(args.clock))
+    return {"setting": setting, "times": times, "detections": detections}
 
 
 #: ``--child-mode`` value -> the function run in the child

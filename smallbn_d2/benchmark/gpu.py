@@ -55,7 +55,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from typing import Callable, Dict, List, Optional
 
 __all__ = ["block_benchmark", "detector_benchmark", "detector_rows", "train_run", "train_opts", "SAMPLE_CONFIG",
@@ -99,6 +98,7 @@ def block_benchmark(args) -> Dict:
     import torch
 
     from .layer import Bench, state_bytes
+    from .measure import Timer
     from .settings import LAYER_DESCRIPTIONS
 
     device = torch.device(args.device)
@@ -133,11 +133,9 @@ def block_benchmark(args) -> Dict:
             b.step()  # one unmeasured step per round, as the CPU benchmark
             for _ in range(args.iters):
                 b.zero_grad()
-                _sync(device)
-                t0 = time.perf_counter()
-                b.step()
-                _sync(device)
-                times[n].append(time.perf_counter() - t0)
+                with Timer("wall", sync=lambda: _sync(device)) as tm:
+                    b.step()
+                times[n].append(tm.s)
     return {"device": str(device), "shape": [args.batch, args.channels, args.size, args.size], "depth": args.depth,
             "window": args.window, "norms": list(args.norms), "times": times, "peak_bytes": peaks,
             "state_bytes": {n: state_bytes(n, args) for n in args.norms}, "rounds": args.rounds, "iters": args.iters,
@@ -194,11 +192,10 @@ def detector_benchmark(args, emit: Optional[Callable[[Dict], None]] = None) -> D
     from detectron2.utils.events import EventStorage
 
     from ..data import register_coco_sample
-    from ..deploy import convert_to_frozen_bn
-    from ..engine import update_norm_stats
-    from .children import build_benchmark_model, load_batches, rotated, train_step
+    from .children import build_benchmark_model, inference_models, load_batches, rotated, time_inference, train_step
     from .floor import register_floor_norm
-    from .settings import INFERENCE_SAME_AS, NO_FROZEN_FORM, make_cfg
+    from .measure import Timer
+    from .settings import INFERENCE_SAME_AS, make_cfg
 
     register_coco_sample()
     register_floor_norm()
@@ -240,11 +237,9 @@ def detector_benchmark(args, emit: Optional[Callable[[Dict], None]] = None) -> D
             for norm in rotated(norms, j):
                 model, optimizer = trainables[norm]
                 torch.manual_seed(args.start_iter + i)  # same anchor/RoI sampling draws for every model
-                _sync(device)
-                t0 = time.perf_counter()
-                finite = train_step(model, optimizer, batches[i], args.start_iter + i)
-                _sync(device)
-                times[norm].append(time.perf_counter() - t0)
+                with Timer("wall", sync=lambda: _sync(device)) as tm:
+                    finite = train_step(model, optimizer, batches[i], args.start_iter + i)
+                times[norm].append(tm.s)
                 nonfinite[norm] += not finite
     print(f"[detector {args.setting}] training timed", file=sys.stderr, flush=True)
     result = {"setting": args.setting, "device": str(device), "norms": list(args.norms), "images": args.images,
@@ -258,32 +253,11 @@ def detector_benchmark(args, emit: Optional[Callable[[Dict], None]] = None) -> D
         emit(result)
 
     images = load_batches(first, args.infer_images, is_train=False)  # 3. inference
-    models = {}
-    for norm, (model, optimizer) in trainables.items():
+    for _, optimizer in trainables.values():
         optimizer.state.clear()
-        if norm in INFERENCE_SAME_AS:
-            continue
-        update_norm_stats(model, batches[:2], num_iters=2)
-        model.eval()
-        models[f"{norm}|eval"] = model
-        if norm not in NO_FROZEN_FORM:
-            models[f"{norm}|converted"] = convert_to_frozen_bn(copy.deepcopy(model), fold=False).eval()
-    keys = list(models)
-    infer_times: Dict[str, List[float]] = {k: [] for k in keys}
-    detections = {}
-    with torch.no_grad():
-        for k in keys:  # one untimed image per model
-            detections[k] = len(models[k]([images[0]])[0]["instances"])
-        step = 0
-        for _ in range(args.infer_repeats):
-            for img in images:
-                for k in rotated(keys, step):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    models[k]([img])
-                    _sync(device)
-                    infer_times[k].append(time.perf_counter() - t0)
-                step += 1
+    models = inference_models({n: m for n, (m, _) in trainables.items() if n not in INFERENCE_SAME_AS}, batches[:2])
+    infer_times, detections = time_inference(models, images, args.infer_repeats,
+                                             lambda: Timer("wall", sync=lambda: _sync(device)))
     result.update(infer_times=infer_times, detections=detections)
     result["rows"] = detector_rows(result)
     return result

@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 __all__ = ["MEMORY_ENV", "rss_bytes", "PeakRSS", "memory_env_active", "run_json_child", "machine_description",
            "load_average", "median", "Timer", "markdown_table", "fmt_ratio", "fmt_seconds", "write_doc_section",
@@ -146,22 +146,29 @@ def median(values: Sequence[float]) -> float:
 
 class Timer:
     """Seconds of a block: ``with Timer() as t: ...; t.s``. ``clock="wall"``: ``time.perf_counter``;
-    ``"cpu"``: ``time.process_time`` (CPU time of all threads of this process).
+    ``"cpu"``: ``time.process_time`` (CPU time of all threads of this process). ``sync``: called
+    when the block starts and when it ends, before the clock is read (e.g. waiting for a GPU's
+    queued work, so that the block's kernels are inside the measurement).
 
     Raises:
         ValueError: unknown clock.
     """
 
-    def __init__(self, clock: str = "wall"):
+    def __init__(self, clock: str = "wall", sync: Optional[Callable[[], None]] = None):
         if clock not in ("wall", "cpu"):
             raise ValueError(f"clock = {clock!r} is invalid; allowed: 'wall', 'cpu'")
         self.clock = time.perf_counter if clock == "wall" else time.process_time
+        self.sync = sync
 
     def __enter__(self):
+        if self.sync is not None:
+            self.sync()
         self.t0 = self.clock()
         return self
 
     def __exit__(self, *exc):
+        if self.sync is not None:
+            self.sync()
         self.s = self.clock() - self.t0
         return False
 
