@@ -208,3 +208,29 @@ def test_command_refuses_invalid_smallbn_field_before_training(tmp_path, monkeyp
         tool.cli()
     assert "smallbn.norms.CBN.window_size = 0 is invalid; allowed: an integer >= 1" in str(exit_info.value.code)
     assert not (tmp_path / "run").exists()
+
+
+@needs_model_zoo
+def test_command_refuses_to_evaluate_another_model_in_a_training_run_folder(tmp_path, monkeypatch):
+    """As tools/train_net.py: --eval-only of a checkpoint from elsewhere must not write into a
+    training run's folder (it would replace its config.yaml); its own checkpoints are allowed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lazyconfig_train_net",
+                                                  os.path.join(REPO, "tools", "lazyconfig_train_net.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last_checkpoint").write_text("model_final.pth")
+    launched = []
+    monkeypatch.setattr(tool, "launch", lambda *a, **k: launched.append(1))
+    base = ["lazyconfig_train_net.py", "--eval-only", "--config-file", TINY, f"train.output_dir={run}"]
+    monkeypatch.setattr(sys, "argv", base + [f"train.init_checkpoint={tmp_path / 'other' / 'model.pth'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        tool.cli()
+    assert "OutputDirExistsError" in str(exit_info.value.code) and str(run) in str(exit_info.value.code)
+    assert not launched
+    monkeypatch.setattr(sys, "argv", base + [f"train.init_checkpoint={run / 'model_final.pth'}"])
+    tool.cli()
+    assert launched == [1]

@@ -15,28 +15,18 @@ Overrides are LazyConfig ``key=value`` pairs (e.g. ``train.max_iter=2``,
 overrides). The COCO 2017 sample shipped with smallbn_d2 is registered as
 ``coco_2017_sample_train``/``_val``. ``--eval-only`` evaluates ``train.init_checkpoint``.
 """
-import logging
 import sys
-
-import torch
 
 import smallbn_d2  # noqa: F401  (first: compatibility fixes, norm names)
 from detectron2.config import LazyConfig
-from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from smallbn_d2.checkpoint import NormCheckpointer, NormStateShapeError
-from smallbn_d2.data import DatasetsNotFoundError, SampleRegistrationError, register_coco_sample
-from smallbn_d2.engine import OutputDirExistsError, check_output_dir
+from smallbn_d2.checkpoint import NormCheckpointer
+from smallbn_d2.data import register_coco_sample
+from smallbn_d2.engine import USER_ERRORS, check_output_dir, setup_cpu, training_argument_parser
 from smallbn_d2.engine.launch import create_ddp_model, launch
-from smallbn_d2.layers import NormNotWiredError
 from smallbn_d2.lazy import build_model, check_smallbn_field, do_test, do_train
-
-# Errors caused by the user's input; printed without a traceback.
-USER_ERRORS = (OutputDirExistsError, DatasetsNotFoundError, NormNotWiredError, FileNotFoundError,
-               NormStateShapeError, SampleRegistrationError)
-
-logger = logging.getLogger("smallbn_d2")
 
 
 def load(args):
@@ -50,8 +40,7 @@ def main(args):
     cfg = load(args)
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="smallbn_d2")
-    if str(cfg.train.device).startswith("cpu"):
-        torch.set_flush_denormal(True)  # subnormal gradients are 10-100x slower on x86 CPUs
+    setup_cpu(cfg.train.device)
     if args.eval_only:
         model = create_ddp_model(build_model(cfg))
         NormCheckpointer(model).load(cfg.train.init_checkpoint)
@@ -59,16 +48,8 @@ def main(args):
     do_train(cfg, resume=args.resume)
 
 
-def argument_parser():
-    """Detectron2's ``default_argument_parser`` plus ``--allow-existing-output-dir``."""
-    parser = default_argument_parser()
-    parser.add_argument("--allow-existing-output-dir", action="store_true",
-                        help="start a new run even if train.output_dir is not empty (files there may be overwritten)")
-    return parser
-
-
 def cli():
-    args = argument_parser().parse_args()
+    args = training_argument_parser("train.output_dir").parse_args()
     try:
         register_coco_sample()
         cfg = load(args)  # checked once, before any process starts or writes
@@ -77,7 +58,7 @@ def cli():
         except (KeyError, TypeError, ValueError) as e:
             sys.exit(f"lazyconfig_train_net.py: error: {e.args[0] if isinstance(e, KeyError) else e}")
         check_output_dir(cfg.train.output_dir, resume=args.resume, eval_only=args.eval_only,
-                         allow_existing=args.allow_existing_output_dir)
+                         allow_existing=args.allow_existing_output_dir, weights=cfg.train.init_checkpoint)
         print("Command Line Args:", args)
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,), device=cfg.train.device)

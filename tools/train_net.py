@@ -18,31 +18,21 @@ smallbn_d2 (``coco_2017_sample_train``/``_val``, registered here); Detectron2's 
 summary: AP per test set (a test set that is also a training set is a fit check, not accuracy),
 wall time, outputs, and the command that compares runs.
 """
-import logging
 import os
 import sys
 import time
 
-import torch
-
 import smallbn_d2  # noqa: F401  (first: compatibility fixes, norm names)
-from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from smallbn_d2.checkpoint import NormCheckpointer, NormStateShapeError
-from smallbn_d2.config import ConfigValueError
-from smallbn_d2.data import DatasetsNotFoundError, SampleRegistrationError, check_datasets_exist, register_coco_sample
-from smallbn_d2.engine import OutputDirExistsError, Trainer, check_output_dir, load_config
+from smallbn_d2.checkpoint import NormCheckpointer
+from smallbn_d2.data import check_datasets_exist, register_coco_sample
+from smallbn_d2.engine import (USER_ERRORS, Trainer, check_output_dir, load_config, setup_cpu,
+                               training_argument_parser)
 from smallbn_d2.engine.launch import check_cpu_distributed, check_norm_names, launch
-from smallbn_d2.layers import NormNotWiredError
 from smallbn_d2.utils.summary import run_summary
-
-# Errors caused by the user's input; printed without a traceback.
-USER_ERRORS = (OutputDirExistsError, ConfigValueError, DatasetsNotFoundError, NormNotWiredError, FileNotFoundError,
-               NormStateShapeError, SampleRegistrationError)
-
-logger = logging.getLogger("smallbn_d2")
 
 
 def setup(args):
@@ -59,10 +49,7 @@ def main(args):
     start = time.perf_counter()
     register_coco_sample()  # in every launched process (each is a new interpreter)
     cfg = setup(args)
-    if cfg.MODEL.DEVICE == "cpu":
-        # Subnormal floats (|x| < 1.2e-38), common in gradients of models trained from scratch,
-        # are 10-100x slower on x86 CPUs; flushing them to zero changes no result that matters.
-        torch.set_flush_denormal(True)
+    setup_cpu(cfg.MODEL.DEVICE)
     check_datasets_exist(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -80,16 +67,8 @@ def main(args):
     return result
 
 
-def argument_parser():
-    """Detectron2's ``default_argument_parser`` plus ``--allow-existing-output-dir``."""
-    parser = default_argument_parser()
-    parser.add_argument("--allow-existing-output-dir", action="store_true",
-                        help="start a new run even if OUTPUT_DIR is not empty (files there may be overwritten)")
-    return parser
-
-
 def cli():
-    args = argument_parser().parse_args()
+    args = training_argument_parser("OUTPUT_DIR").parse_args()
     try:
         register_coco_sample()  # coco_2017_sample_train / _val, before anything is built
         # Checked once, before any process starts or writes to OUTPUT_DIR.
