@@ -1,13 +1,17 @@
 """Shared fixtures; smallbn_d2 is imported once for every test module.
 
-Test data (set first, before anything imports Detectron2): Detectron2's builtin names
-(``coco_2017_train``, ``coco_2017_val``), which the tiny test configs use, resolve under
-``$DETECTRON2_DATASETS``, read once when ``detectron2.data`` is first imported. If it is unset and
-the larger shared COCO 2017 subset (``<repo>/../shared/datasets``: 80 train / 79 val images)
-exists, it is set to that folder here. Tests that need those files are marked
-``@pytest.mark.coco_subset`` (or ``pytestmark = pytest.mark.coco_subset``) and skip, with the
-reason, when they are missing. The COCO 2017 sample shipped with the package needs none of this
-(``smallbn_d2.data.register_coco_sample``).
+Test data. The suite needs nothing beside the repository: the tests that train or run detectors
+use the COCO 2017 sample shipped with the package (``coco_2017_sample_train`` /
+``coco_2017_sample_val``: 24 + 24 real images, <= 320 px), registered here with
+``smallbn_d2.data.register_coco_sample()``; ``tests/helpers.py``'s ``tiny_cfg`` and ``SAMPLE_ARGS``
+put it in the tiny configs, and the tools run by the tests (tools/train_net.py, ...) register it
+themselves. Only the tests that need Detectron2's builtin names (``coco_2017_train``,
+``coco_2017_val``) on real files -- the 80 + 79 image COCO 2017 subset, e.g. to check the sample
+against its source or how ``$DETECTRON2_DATASETS`` resolves -- are marked
+``@pytest.mark.coco_subset`` and skip, with the reason, when those files are missing. The builtin
+names resolve under ``$DETECTRON2_DATASETS``, read once when ``detectron2.data`` is first imported:
+if it is unset and the shared subset (``<repo>/../shared/datasets``) exists, it is set to that
+folder first thing here.
 
 ``SMALLBN_D2_EXPECT_DETECTRON2=DIR`` (set by tools/test_detectron2_main.sh) makes the run fail at
 start unless the imported ``detectron2`` package is ``DIR``: a run meant for Detectron2 main
@@ -23,6 +27,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import smallbn_d2  # noqa: F401, E402
+from smallbn_d2.data import register_coco_sample  # noqa: E402
+
+register_coco_sample()  # coco_2017_sample_train / _val, for every test process (idempotent)
 
 #: What the ``coco_subset`` tests read, relative to the datasets root.
 BUILTIN_COCO_FILES = ("coco/annotations/instances_train2017.json", "coco/annotations/instances_val2017.json",
@@ -43,7 +50,7 @@ def builtin_coco_missing():
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "coco_subset: needs Detectron2's builtin coco_2017_train/val files under $DETECTRON2_DATASETS "
-                   "(skipped with the reason when missing)")
+                   "(the shared COCO subset; skipped with the reason when missing)")
     expected = os.environ.get("SMALLBN_D2_EXPECT_DETECTRON2")
     if expected:
         import detectron2

@@ -22,7 +22,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 
-from helpers import REPO, tiny_cfg
+from helpers import REPO, SAMPLE_ARGS, tiny_cfg
 from smallbn_d2.checkpoint import NormCheckpointer, NormStateShapeError
 from smallbn_d2.engine import Trainer
 from smallbn_d2.layers import NormNotWiredError
@@ -35,9 +35,11 @@ _spec.loader.exec_module(train_net)
 
 
 def run_cli(monkeypatch, tmp_path, opts, extra_args=()):
-    """Run tools/train_net.py's cli() in this process; return (exit message, output dir)."""
+    """Run tools/train_net.py's cli() in this process, on the shipped COCO sample; return (exit
+    message, output dir)."""
     out = tmp_path / "out"
-    argv = ["train_net.py", "--config-file", TINY, *extra_args, "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out), *opts]
+    argv = ["train_net.py", "--config-file", TINY, *extra_args, "SOLVER.MAX_ITER", "1", *SAMPLE_ARGS,
+            "OUTPUT_DIR", str(out), *opts]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exc:
         train_net.cli()
@@ -85,7 +87,8 @@ def test_cuda_only_syncbn_with_two_cpu_processes_is_refused(monkeypatch, tmp_pat
 def test_missing_datasets_root_is_reported_with_the_places_looked_at(tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS="/nonexistent/datasets")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, TRAIN_NET, "--config-file", TINY, "OUTPUT_DIR", str(out)],
+    builtin = ["DATASETS.TRAIN", "('coco_2017_train',)", "DATASETS.TEST", "('coco_2017_val',)"]  # Detectron2's names
+    proc = subprocess.run([sys.executable, TRAIN_NET, "--config-file", TINY, *builtin, "OUTPUT_DIR", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     err = proc.stderr

@@ -2,7 +2,10 @@
 
 The smoke run uses the tiny Mask R-CNN at 128 px; it checks that every child process (interleaved
 training, memory, interleaved inference) runs and that the table reaches its section of the
-output file without touching the rest. Speed itself is never asserted.
+output file without touching the rest. Speed itself is never asserted. Its data: Detectron2's
+builtin names (the tool's default data) under a ``$DETECTRON2_DATASETS`` whose ``coco`` folder is
+the COCO 2017 sample shipped with the package (which has Detectron2's COCO layout), so that the
+test needs no other data.
 """
 import importlib.util
 import os
@@ -13,6 +16,7 @@ import sys
 import pytest
 
 from helpers import REPO
+from smallbn_d2.data import SAMPLE_ROOT
 
 TOOL = os.path.join(REPO, "tools", "benchmark_norms.py")
 TINY = os.path.join(REPO, "configs", "test", "tiny-mask_rcnn.yaml")
@@ -48,8 +52,13 @@ def test_smoke_run_writes_only_its_section(tmp_path):
     out.write_text("# keep me\n\n<!-- BEGIN benchmark_norms_1x -->\nold\n<!-- END benchmark_norms_1x -->\n<!-- BEGIN benchmark_norms_scratch_3x -->\nother\n<!-- END benchmark_norms_scratch_3x -->\n\ntail\n")
     cmd = [sys.executable, TOOL, "--config-file", TINY, "--norms", "BN", "CBN", "GN", "floor", "--settings", "1x",
            "--warmup", "3", "--iters", "1", "--infer-images", "1", "--infer-repeats", "1",
-           "--min-size", "96", "--max-size", "128", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+           "--min-size", "96", "--max-size", "128", "--out", str(out),
+           "--opts", "DATASETS.TRAIN", "('coco_2017_train',)", "DATASETS.TEST", "('coco_2017_val',)"]
+    datasets = tmp_path / "datasets"
+    datasets.mkdir()
+    (datasets / "coco").symlink_to(SAMPLE_ROOT, target_is_directory=True)  # coco/annotations, train2017, val2017
+    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert text.startswith("# keep me\n") and text.endswith("\ntail\n") and "\nold\n" not in text

@@ -1,7 +1,7 @@
 """tools/compare_runs.py on real runs, and the run reader it is built on.
 
 End to end: two shrunk Mask R-CNN runs (BN and CBN everywhere) are trained for a few iterations
-by tools/train_net.py on the shared COCO subset and evaluated on its 79 val images; the tool's
+by tools/train_net.py on the shipped COCO 2017 sample and evaluated on its 24 val images; the tool's
 table and plots are checked against the runs' own files (metrics.json, log.txt) read directly.
 """
 import importlib.util
@@ -16,7 +16,7 @@ import sys
 import pytest
 import yaml
 
-from helpers import REPO
+from helpers import REPO, SAMPLE_ARGS
 from smallbn_d2.engine import load_config
 from smallbn_d2.utils.run_metrics import (
     RunNotFoundError,
@@ -49,7 +49,7 @@ def runs(tmp_path_factory):
         args = [sys.executable, TRAIN_NET, "--config-file", TINY, "SOLVER.MAX_ITER", "3",
                 "MODEL.CBN.WINDOW_SIZE", "2", "MODEL.CBN.BURN_IN_ITERS", "1",
                 "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "10",
-                "OUTPUT_DIR", str(root / norm)]
+                *SAMPLE_ARGS, "OUTPUT_DIR", str(root / norm)]
         for key in ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM"):
             args += [key, norm]
         procs[norm] = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

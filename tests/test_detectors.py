@@ -1,6 +1,6 @@
 """Tiny Faster R-CNN, Mask R-CNN and RetinaNet with CBN / NaiveCBN / MABN trained on real COCO
-batches (the shared subset): finite losses, burn-in and head warm-up at the configured
-iterations, and eval-mode inference (issue 3 item 7, issue 4 item 6)."""
+batches (the COCO 2017 sample shipped with the package): finite losses, burn-in and head warm-up
+at the configured iterations, and eval-mode inference (issue 3 item 7, issue 4 item 6)."""
 import math
 
 import pytest

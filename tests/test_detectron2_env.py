@@ -9,7 +9,8 @@ runs as README says), so nothing that this test process or smallbn_d2 has patche
   clear error per op, a compiled ``_C`` wins;
 * every model-zoo config resolves (``model_zoo.get_config_file``) and loads (``get_config``);
 * Detectron2's own training flow (``default_argument_parser``, ``DefaultTrainer``) trains a tiny
-  BN Mask R-CNN for 2 iterations on the shared COCO subset;
+  BN Mask R-CNN for 2 iterations on the COCO 2017 sample shipped with smallbn_d2 (its files
+  only, registered with Detectron2's ``register_coco_instances``);
 * importing smallbn_d2 before or after ``detectron2.modeling`` gives the same registries and
   ``get_norm`` outputs, and leaves Detectron2's own norm names as plain Detectron2 builds them.
 
@@ -24,10 +25,12 @@ import textwrap
 
 import pytest
 
+from smallbn_d2.data import SAMPLE_ROOT
+
 pytestmark = pytest.mark.integration
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COCO = os.path.join(REPO, "..", "shared", "datasets", "coco")
+COCO = str(SAMPLE_ROOT)  # Detectron2's COCO layout: annotations/instances_train2017.json, train2017/
 COMPAT = "smallbn_d2_detectron2_compat"
 
 
@@ -320,9 +323,7 @@ if __name__ == "__main__":
 
 def test_default_trainer_trains_a_tiny_bn_model_on_coco(tmp_path):
     """Detectron2's own train_net flow: 2 iterations of a tiny R18-FPN Mask R-CNN with BN in
-    the backbone, FPN and heads, from scratch on the shared COCO train images."""
-    if not os.path.isfile(os.path.join(COCO, "annotations", "instances_train2017.json")):
-        pytest.skip(f"COCO subset not found at {os.path.normpath(COCO)}")
+    the backbone, FPN and heads, from scratch on the train images of the shipped COCO sample."""
     from_zoo = run_python("from detectron2 import model_zoo; print(model_zoo.get_config_file('Base-RCNN-FPN.yaml'))")
     assert from_zoo.returncode == 0, from_zoo.stderr[-2000:]
     config = tmp_path / "tiny_bn.yaml"

@@ -2,7 +2,8 @@
 
 The estimator and statistics functions are checked against independent references (a direct
 recompute of the conv, torch autograd through BatchNorm and through MABN's normalization);
-the scripts themselves run end to end with tiny settings on the shared COCO subset.
+the scripts themselves run end to end with tiny settings on the COCO 2017 sample shipped with the
+package (registered by tests/conftest.py; the scripts' default data are Detectron2's builtin names).
 """
 import importlib.util
 import json
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import smallbn_d2  # noqa: F401  (compat fixes, dataset root)
+from helpers import SAMPLE_ARGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +130,8 @@ def test_mabn_batch_statistics_against_autograd():
 
 
 # ------------------------------------------------------------------------------ end to end
-SMALL_IMAGES = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96"]  # keep the end-to-end runs cheap
+# keep the end-to-end runs cheap; on the shipped sample
+SMALL_RUN = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", *SAMPLE_ARGS]
 
 
 def _finite_nonneg(values):
@@ -139,7 +142,7 @@ def test_cbn_statistics_script_end_to_end(tmp_path):
     out = str(tmp_path / "cbn")
     layers = ["backbone.bottom_up.res3.0.conv1", "roi_heads.box_head.conv2"]
     res = cbn_stats.main(["--iters", "3", "--probe-every", "2", "--max-window", "2", "--output-dir", out,
-                          "--layers", ",".join(layers), *SMALL_IMAGES])
+                          "--layers", ",".join(layers), *SMALL_RUN])
     for f in cbn_stats.OUTPUT_FILES:
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     table = open(os.path.join(out, "cbn_statistics.md")).read()
@@ -166,7 +169,7 @@ def test_mabn_statistics_script_end_to_end(tmp_path):
     out = str(tmp_path / "mabn")
     res = mabn_stats.main(["--iters", "3", "--buffer-size", "2", "--probe-every", "2", "--large-batch", "4",
                            "--output-dir", out, "--layers",
-                           "backbone.bottom_up.res2.0.conv1,roi_heads.box_head.conv2.norm", *SMALL_IMAGES])
+                           "backbone.bottom_up.res2.0.conv1,roi_heads.box_head.conv2.norm", *SMALL_RUN])
     for f in mabn_stats.OUTPUT_FILES:
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     assert res["probes"] == [1]

@@ -5,7 +5,7 @@ at a chosen moment: inside the write of a checkpoint (after half of its bytes), 
 step, inside the final evaluation. After each kill the output directory must name a complete
 checkpoint in ``last_checkpoint`` and no partial file under a checkpoint's name; ``--resume``
 must continue from the newest complete checkpoint, and the run must end with the full iteration
-count and a loadable final model.
+count and a loadable final model. Data: the COCO 2017 sample shipped with the package.
 """
 import os
 import subprocess
@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 import torch
+
+from helpers import SAMPLE_ARGS
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +71,7 @@ def _run(tmp_path, out, extra_env, resume):
             *(["--resume"] if resume else []),
             "MODEL.RESNETS.NORM", "CBN", "MODEL.FPN.NORM", "CBN", "MODEL.CBN.WINDOW_SIZE", "2",
             "SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0",
-            "DATASETS.TEST", "('coco_2017_val',)", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out)]
+            *SAMPLE_ARGS, "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("KILL_")}
     env.update(extra_env)
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)

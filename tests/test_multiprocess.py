@@ -1,11 +1,12 @@
 """Two training processes on CPU (gloo): ``tools/train_net.py --num-gpus 2`` semantics (issue 7, item 5).
 
 :func:`smallbn_d2.engine.launch.launch` with ``device="cpu"`` spawns two processes that each
-build smallbn_d2's Trainer (real data loader: one image per process, DDP) for a tiny Mask R-CNN
-and train a few iterations with CBN, MABN and synchronized BN (``naiveSyncBN``: PyTorch's
-SyncBatchNorm is CUDA-only). Checked: finite losses, weights identical across the processes
-after every step (SHA-256 of every parameter), and statistics per process for CBN/MABN
-(different across processes: each sees its own image) but identical for synchronized BN.
+build smallbn_d2's Trainer (real data loader on the shipped COCO sample: one image per process,
+DDP) for a tiny Mask R-CNN and train a few iterations with CBN, MABN and synchronized BN
+(``naiveSyncBN``: PyTorch's SyncBatchNorm is CUDA-only). Checked: finite losses, weights
+identical across the processes after every step (SHA-256 of every parameter), and statistics per
+process for CBN/MABN (different across processes: each sees its own image) but identical for
+synchronized BN.
 """
 import hashlib
 import json
@@ -20,6 +21,7 @@ from detectron2.utils import comm
 
 from helpers import tiny_cfg
 from smallbn_d2.config import ConfigValueError
+from smallbn_d2.data import register_coco_sample
 from smallbn_d2.engine import Trainer
 from smallbn_d2.engine.launch import check_cpu_distributed, launch
 
@@ -54,6 +56,7 @@ def _first_norm_stat(model, norm):
 
 
 def _worker(cfgs, result_path):
+    register_coco_sample()  # a spawned process: a new interpreter, without tests/conftest.py's registration
     results = {}
     for norm, cfg in cfgs.items():
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)

@@ -185,19 +185,25 @@ def test_burn_in_conversion():
 
 
 def test_burn_in_epochs_on_the_real_training_set():
+    """On the shipped COCO sample (the tiny configs' training set); the image count comes from its
+    annotation file, read directly."""
+    import json
+
     from detectron2.data import DatasetCatalog
 
+    from smallbn_d2.data import coco_sample_files
     from smallbn_d2.engine.trainer import training_set_size
 
     cfg = tiny_cfg("mask_rcnn", "BN")
     cfg.MODEL.CBN.BURN_IN_ITERS = None
     cfg.MODEL.CBN.BURN_IN_EPOCHS = 1.5
     cfg.SOLVER.IMS_PER_BATCH = 2
-    assert cfg.DATASETS.TRAIN == ("coco_2017_train",)
-    dicts = DatasetCatalog.get("coco_2017_train")
+    assert cfg.DATASETS.TRAIN == ("coco_2017_sample_train",)
+    with open(coco_sample_files()["coco_2017_sample_train"][0]) as f:
+        coco = json.load(f)
     # Detectron2 drops images without a non-crowd annotation from training
-    n = sum(1 for d in dicts if any(a.get("iscrowd", 0) == 0 for a in d["annotations"]))
-    assert 0 < n <= len(dicts) == 80
+    n = len({a["image_id"] for a in coco["annotations"] if not a["iscrowd"]})
+    assert 0 < n <= len(coco["images"]) == len(DatasetCatalog.get("coco_2017_sample_train")) == 24
     assert cbn_burn_in_iters(cfg) is None  # epochs, and no data read here
     assert training_set_size(cfg) == n
     resolved = resolve_burn_in(cfg, n)

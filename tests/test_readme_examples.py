@@ -1,6 +1,7 @@
 """README's example for existing Detectron2 code runs: Detectron2's own get_cfg and DefaultTrainer
 with the three additions, on the tiny config (the only change: the config file, shrunk for a CPU,
-with the burn-in in epochs so that resolve_burn_in converts it)."""
+with the burn-in in epochs so that resolve_burn_in converts it, and trained on the COCO 2017 sample
+shipped with the package, registered first with ``register_coco_sample()``)."""
 import os
 import re
 import subprocess
@@ -29,8 +30,9 @@ def test_existing_detectron2_code_example_trains(tmp_path):
     overrides = ["MODEL.RESNETS.NORM", "CBN", "MODEL.FPN.NORM", "MABN", "MODEL.ROI_BOX_HEAD.NORM", "CBN",
                  "MODEL.CBN.BURN_IN_ITERS", None, "MODEL.CBN.BURN_IN_EPOCHS", 0.1, "SOLVER.MAX_ITER", 3,
                  "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", (), "DATALOADER.NUM_WORKERS", 0,
-                 "OUTPUT_DIR", str(tmp_path / "out")]
-    code = code.replace(merge.group(0), f"cfg.merge_from_file({TINY!r}); cfg.merge_from_list({overrides!r})")
+                 "DATASETS.TRAIN", ("coco_2017_sample_train",), "OUTPUT_DIR", str(tmp_path / "out")]
+    code = code.replace(merge.group(0), "from smallbn_d2.data import register_coco_sample; register_coco_sample(); "
+                        f"cfg.merge_from_file({TINY!r}); cfg.merge_from_list({overrides!r})")
     code += textwrap_check()
     script = tmp_path / "example.py"
     script.write_text(code)
