@@ -2,10 +2,9 @@
 
 The smoke run uses the tiny Mask R-CNN at 128 px; it checks that every child process (interleaved
 training, memory, interleaved inference) runs and that the table reaches its section of the
-output file without touching the rest. Speed itself is never asserted. Its data: Detectron2's
-builtin names (the tool's default data) under a ``$DETECTRON2_DATASETS`` whose ``coco`` folder is
-the COCO 2017 sample shipped with the package (which has Detectron2's COCO layout), so that the
-test needs no other data.
+output file without touching the rest. Speed itself is never asserted. Its data: the COCO 2017
+sample shipped with the package (``--opts DATASETS...``; the tool's child processes register it),
+so that the test needs no other data.
 """
 import importlib.util
 import os
@@ -15,8 +14,7 @@ import sys
 
 import pytest
 
-from helpers import REPO
-from smallbn_d2.data import SAMPLE_ROOT
+from helpers import REPO, SAMPLE_ARGS
 
 TOOL = os.path.join(REPO, "tools", "benchmark_norms.py")
 TINY = os.path.join(REPO, "configs", "test", "tiny-mask_rcnn.yaml")
@@ -53,11 +51,8 @@ def test_smoke_run_writes_only_its_section(tmp_path):
     cmd = [sys.executable, TOOL, "--config-file", TINY, "--norms", "BN", "CBN", "GN", "floor", "--settings", "1x",
            "--warmup", "3", "--iters", "1", "--infer-images", "1", "--infer-repeats", "1",
            "--min-size", "96", "--max-size", "128", "--out", str(out),
-           "--opts", "DATASETS.TRAIN", "('coco_2017_train',)", "DATASETS.TEST", "('coco_2017_val',)"]
-    datasets = tmp_path / "datasets"
-    datasets.mkdir()
-    (datasets / "coco").symlink_to(SAMPLE_ROOT, target_is_directory=True)  # coco/annotations, train2017, val2017
-    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets))
+           "--opts", *SAMPLE_ARGS]
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "no_datasets"))  # the sample needs none
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()

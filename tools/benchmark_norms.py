@@ -30,9 +30,12 @@ Default detector: Mask R-CNN R50-FPN with the 4conv1fc box head (``configs/Base-
 ``RESNETS.DEPTH 50``, ``ROI_BOX_HEAD.NUM_CONV 4``, ``NUM_FC 1``), 2 images per iteration, random
 initialization (no pretrained weights offline; in ``1x`` the FrozenBN statistics of the random
 backbone are set to its activation statistics on the first batch, so that activations keep a
-sane scale), SGD at ``BASE_LR 0.0025`` (0.02 x 2/16). Images: the shared COCO subset
-(coco_2017_train for training, the first val images for inference) resized to a shorter side of
-512 (``--min-size``, longest side <= 853) instead of Detectron2's 800, to keep CPU runs short.
+sane scale), SGD at ``BASE_LR 0.0025`` (0.02 x 2/16). Images: Detectron2's ``coco_2017_train``
+for training and the first ``coco_2017_val`` images for inference (under
+``$DETECTRON2_DATASETS``; ``--opts DATASETS.TRAIN "('coco_2017_sample_train',)" DATASETS.TEST
+"('coco_2017_sample_val',)"`` uses the COCO 2017 sample shipped with smallbn_d2 instead), resized
+to a shorter side of 512 (``--min-size``, longest side <= 853) instead of Detectron2's 800, to
+keep CPU runs short.
 For inference ``ROI_HEADS.SCORE_THRESH_TEST 0`` so that every model returns
 ``TEST.DETECTIONS_PER_IMAGE`` (100) detections and runs its mask head on as many boxes (a
 random model scores below Detectron2's 0.05 threshold). CBN: ``WINDOW_SIZE 4`` (the config

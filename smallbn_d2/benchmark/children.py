@@ -119,14 +119,17 @@ def train_step(model, optimizer, batch, iteration: int) -> bool:
 
 
 def _setup_child(args) -> None:
-    """Torch threads (``args.threads``) and the ``floor`` row's norm."""
+    """Torch threads (``args.threads``), the ``floor`` row's norm and the COCO 2017 sample shipped
+    with the package (``coco_2017_sample_train``/``_val``, usable as ``--opts`` datasets)."""
     import torch
 
+    from ..data import register_coco_sample
     from .floor import register_floor_norm
 
     if args.threads:
         torch.set_num_threads(args.threads)
     register_floor_norm()
+    register_coco_sample()
 
 
 def child_train(args) -> Dict:
