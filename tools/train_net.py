@@ -16,7 +16,7 @@ A new run refuses a non-empty OUTPUT_DIR (``--resume`` continues the run there,
 smallbn_d2 (``coco_2017_sample_train``/``_val``, registered here); Detectron2's builtin names
 (``coco_2017_train``, ...) under ``$DETECTRON2_DATASETS``. A training run ends with a short
 summary: AP per test set (a test set that is also a training set is a fit check, not accuracy),
-wall time, outputs, and the command that compares runs.
+the training loss early and late, wall time, outputs, and the command that compares runs.
 """
 import os
 import sys

@@ -77,6 +77,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timer(device):
+    """A wall-clock :class:`~.measure.Timer` that waits for the device's queued work at both ends."""
+    from .measure import Timer
+
+    return Timer("wall", sync=lambda: _sync(device))
+
+
 def _tf32() -> Dict[str, bool]:
     """TF32 switches in force (torch's defaults unless changed): cuDNN convs, cuBLAS matmuls."""
     import torch
@@ -98,7 +105,6 @@ def block_benchmark(args) -> Dict:
     import torch
 
     from .layer import Bench, state_bytes
-    from .measure import Timer
     from .settings import LAYER_DESCRIPTIONS
 
     device = torch.device(args.device)
@@ -133,7 +139,7 @@ def block_benchmark(args) -> Dict:
             b.step()  # one unmeasured step per round, as the CPU benchmark
             for _ in range(args.iters):
                 b.zero_grad()
-                with Timer("wall", sync=lambda: _sync(device)) as tm:
+                with _timer(device) as tm:
                     b.step()
                 times[n].append(tm.s)
     return {"device": str(device), "shape": [args.batch, args.channels, args.size, args.size], "depth": args.depth,
@@ -194,7 +200,6 @@ def detector_benchmark(args, emit: Optional[Callable[[Dict], None]] = None) -> D
     from ..data import register_coco_sample
     from .children import build_benchmark_model, inference_models, load_batches, rotated, time_inference, train_step
     from .floor import register_floor_norm
-    from .measure import Timer
     from .settings import INFERENCE_SAME_AS, make_cfg
 
     register_coco_sample()
@@ -237,7 +242,7 @@ def detector_benchmark(args, emit: Optional[Callable[[Dict], None]] = None) -> D
             for norm in rotated(norms, j):
                 model, optimizer = trainables[norm]
                 torch.manual_seed(args.start_iter + i)  # same anchor/RoI sampling draws for every model
-                with Timer("wall", sync=lambda: _sync(device)) as tm:
+                with _timer(device) as tm:
                     finite = train_step(model, optimizer, batches[i], args.start_iter + i)
                 times[norm].append(tm.s)
                 nonfinite[norm] += not finite
@@ -257,7 +262,7 @@ def detector_benchmark(args, emit: Optional[Callable[[Dict], None]] = None) -> D
         optimizer.state.clear()
     models = inference_models({n: m for n, (m, _) in trainables.items() if n not in INFERENCE_SAME_AS}, batches[:2])
     infer_times, detections = time_inference(models, images, args.infer_repeats,
-                                             lambda: Timer("wall", sync=lambda: _sync(device)))
+                                             lambda: _timer(device))
     result.update(infer_times=infer_times, detections=detections)
     result["rows"] = detector_rows(result)
     return result

@@ -1,5 +1,6 @@
 """Detectron2 engine integration: trainer, hooks and set-up helpers."""
-from .defaults import USER_ERRORS, OutputDirExistsError, check_output_dir, load_config, setup_cpu, training_argument_parser
+from .defaults import (USER_ERRORS, OutputDirExistsError, check_output_dir, load_config, setup_cpu,
+                       training_argument_parser)
 from .freeze import FreezeNormStatsHook, freeze_norm_statistics
 from .hooks import NormIterationHook
 from .launch import launch
