@@ -83,6 +83,47 @@ def test_cuda_only_syncbn_with_two_cpu_processes_is_refused(monkeypatch, tmp_pat
     assert not out.exists()
 
 
+# ------------------------------------------------------------------ YACS keys and types
+YACS_ERRORS = [
+    # (overrides, error type, texts the one line must hold)
+    (["MODEL.CBN.WINDOW_SZ", "3"], "ConfigKeyError",
+     ["MODEL.CBN.WINDOW_SZ (on the command line) is not a config key", "Did you mean MODEL.CBN.WINDOW_SIZE?",
+      "Keys of MODEL.CBN: AGGREGATION, BURN_IN_EPOCHS"]),
+    (["MODEL.WEIGHT", "model.pth"], "ConfigKeyError", ["MODEL.WEIGHT (on the command line)", "MODEL.WEIGHTS?"]),
+    (["MODEL.CBN.WINDOW_SIZE", "2.5"], "ConfigValueError",
+     ["MODEL.CBN.WINDOW_SIZE = 2.5 (on the command line) is invalid; allowed: an integer", "default 4"]),
+    (["MODEL.CBN.MOMENTUM", "1"], "ConfigValueError",
+     ["MODEL.CBN.MOMENTUM = 1 ", "allowed: a float, written with a decimal point", "default 0.1"]),
+    (["MODEL.CBN", "2"], "ConfigValueError", ["MODEL.CBN = 2 ", "a group of keys", "WINDOW_SIZE"]),
+    (["SOLVER.MAX_ITER"], "ConfigValueError", ["KEY VALUE pairs"]),
+]
+
+
+@pytest.mark.parametrize("opts,kind,texts", YACS_ERRORS, ids=[" ".join(o) for o, _, _ in YACS_ERRORS])
+def test_yacs_key_and_type_errors_are_one_line(opts, kind, texts, monkeypatch, tmp_path):
+    """A misspelt key or a value of another type than the key's default: the project's one-line
+    error (the key, the closest key or the allowed type), no traceback, nothing written."""
+    msg, out = run_cli(monkeypatch, tmp_path, opts)
+    assert msg.startswith(f"train_net.py: error: {kind}: "), msg
+    for text in texts:
+        assert text in msg, (text, msg)
+    assert "\n" not in msg
+    assert not out.exists()
+
+
+def test_misspelt_key_in_a_config_file_names_the_file(monkeypatch, tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"_BASE_: {TINY}\nMODEL:\n  MABN:\n    BUFER_SIZE: 8\n")
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["train_net.py", "--config-file", str(config), *SAMPLE_ARGS, "OUTPUT_DIR", str(out)])
+    with pytest.raises(SystemExit) as exc:
+        train_net.cli()
+    msg = str(exc.value.code)
+    assert msg.startswith(f"train_net.py: error: ConfigKeyError: MODEL.MABN.BUFER_SIZE (in {config}) is not a config key. "
+                          "Did you mean MODEL.MABN.BUFFER_SIZE?"), msg
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------ datasets root
 def test_missing_datasets_root_is_reported_with_the_places_looked_at(tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS="/nonexistent/datasets")

@@ -234,3 +234,75 @@ def test_command_refuses_to_evaluate_another_model_in_a_training_run_folder(tmp_
     monkeypatch.setattr(sys, "argv", base + [f"train.init_checkpoint={run / 'model_final.pth'}"])
     tool.cli()
     assert launched == [1]
+
+
+# ----------------------------------------------------------------------------- checks before writing
+def _run_tool(tmp_path, *overrides, env=None):
+    """tools/lazyconfig_train_net.py on the tiny config in a subprocess: (exit code, stderr)."""
+    cmd = [sys.executable, os.path.join(REPO, "tools", "lazyconfig_train_net.py"), "--config-file", TINY,
+           f"train.output_dir={tmp_path / 'run'}", "train.max_iter=1", *overrides]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=dict(os.environ, **(env or {})), capture_output=True, text=True,
+                          timeout=300)
+    return proc.returncode, proc.stderr
+
+
+def _error_line(stderr):
+    """The tool's error: the last line of stderr, which must be the only line from the tool (no
+    traceback; Python's own warnings may come before it)."""
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return lines[-1]
+
+
+@needs_model_zoo
+def test_missing_dataset_is_refused_before_anything_is_written_and_again_the_same(tmp_path):
+    """Detectron2's builtin COCO names under a missing root: one line naming the file and the
+    variable, no output folder; the same command then fails the same way (it must not be refused
+    as an existing run, since nothing ran)."""
+    env = {"DETECTRON2_DATASETS": str(tmp_path / "no_datasets")}
+    for attempt in range(2):
+        code, err = _run_tool(tmp_path, "dataloader.train.dataset.names=coco_2017_train", env=env)
+        line = _error_line(err)
+        assert code == 1, err[-3000:]
+        assert line.startswith("lazyconfig_train_net.py: error: DatasetsNotFoundError: Dataset 'coco_2017_train': "
+                               f"json_file '{tmp_path / 'no_datasets'}/coco/annotations/instances_train2017.json' "
+                               "does not exist"), (attempt, line)
+        assert "DETECTRON2_DATASETS" in line and "coco_2017_sample_train" in line
+        assert not (tmp_path / "run").exists(), attempt
+
+
+@needs_model_zoo
+@pytest.mark.parametrize("override,line", [
+    ("model.backbone.norm=CBM", "ConfigValueError: model.backbone.norm = 'CBM' is invalid; allowed: 'BN', "),
+    ("model.roi_heads.mask_head.conv_norm=mabn", "ConfigValueError: model.roi_heads.mask_head.conv_norm = 'mabn' is "
+                                                 "invalid; allowed: "),
+    ("dataloader.test.dataset.names=coco_2017_sample_vol", "DatasetNotRegisteredError: Dataset "
+                                                           "'coco_2017_sample_vol' is not registered."),
+])
+def test_unknown_norm_or_dataset_name_is_one_line_and_writes_nothing(tmp_path, override, line):
+    code, err = _run_tool(tmp_path, override)
+    assert code == 1
+    got = _error_line(err)
+    assert got.startswith("lazyconfig_train_net.py: error: " + line), got
+    if "norm" in override:
+        assert "'CBN', 'NaiveCBN', 'MABN'" in got and "'' (no norm)" in got
+    assert not (tmp_path / "run").exists()
+
+
+@needs_model_zoo
+def test_lazy_checks_read_the_norm_fields_and_the_datasets_the_run_reads():
+    from detectron2.config import LazyConfig
+
+    from smallbn_d2.engine.defaults import lazy_dataset_names, lazy_norm_fields
+
+    cfg = LazyConfig.apply_overrides(_load(TINY), ["model.roi_heads.box_head.conv_norm=MABN"])
+    fields = lazy_norm_fields(cfg)
+    # the config's own values: FPN and heads CBN/MABN, the R18 stem and stages FrozenBN
+    assert fields["model.backbone.norm"] == "CBN"
+    assert fields["model.roi_heads.box_head.conv_norm"] == "MABN"
+    assert fields["model.roi_heads.mask_head.conv_norm"] == "CBN"
+    assert fields["model.backbone.bottom_up.stem.norm"] == "FrozenBN"
+    assert lazy_dataset_names(cfg) == ["coco_2017_sample_train", "coco_2017_sample_val"]
+    assert lazy_dataset_names(cfg, eval_only=True) == ["coco_2017_sample_val"]
+    cfg.dataloader.evaluator = None  # nothing evaluated: the test set is not read
+    assert lazy_dataset_names(cfg) == ["coco_2017_sample_train"]

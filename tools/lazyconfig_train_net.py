@@ -14,6 +14,11 @@ Overrides are LazyConfig ``key=value`` pairs (e.g. ``train.max_iter=2``,
 ``train.output_dir`` (``--resume`` continues the run there, ``--allow-existing-output-dir``
 overrides). The COCO 2017 sample shipped with smallbn_d2 is registered as
 ``coco_2017_sample_train``/``_val``. ``--eval-only`` evaluates ``train.init_checkpoint``.
+
+Before any process starts or anything is written, the tool checks the ``smallbn`` field, the norm
+names of the model (every ``norm`` / ``*_norm`` field), that the datasets it will read are
+registered and their files exist, and the output folder; bad input is reported as one line
+(``lazyconfig_train_net.py: error: ...``), as ``tools/train_net.py`` does.
 """
 import sys
 
@@ -24,15 +29,44 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from smallbn_d2.checkpoint import NormCheckpointer
 from smallbn_d2.data import register_coco_sample
-from smallbn_d2.engine import USER_ERRORS, check_output_dir, setup_cpu, training_argument_parser
+from smallbn_d2.engine.defaults import (USER_ERRORS, ConfigValueError, check_lazy_config, check_output_dir, setup_cpu,
+                                        training_argument_parser)
 from smallbn_d2.engine.launch import create_ddp_model, launch
 from smallbn_d2.lazy import build_model, check_smallbn_field, do_test, do_train
 
 
+EXAMPLES = """
+Examples:
+
+Train the tiny CPU config on the shipped COCO sample for 20 iterations:
+    $ python tools/lazyconfig_train_net.py --config-file configs/test/tiny_mask_rcnn_CBN_lazy.py \\
+        train.max_iter=20 train.output_dir=output/tiny_lazy
+
+Change some config fields (LazyConfig overrides are key=value):
+    $ python tools/lazyconfig_train_net.py --config-file configs/lazy/mask_rcnn_R_50_FPN_CBN.py --num-gpus 8 \\
+        train.init_checkpoint=/path/to/model.pth optimizer.lr=0.01 smallbn.norms.CBN.window_size=4
+
+Evaluate a trained model:
+    $ python tools/lazyconfig_train_net.py --config-file configs/test/tiny_mask_rcnn_CBN_lazy.py --eval-only \\
+        train.init_checkpoint=output/tiny_lazy/model_final.pth train.output_dir=output/tiny_lazy_eval
+"""
+
+
 def load(args):
-    """The LazyConfig of ``--config-file`` with the command line's overrides applied."""
+    """The LazyConfig of ``--config-file`` with the command line's overrides applied.
+
+    Raises:
+        FileNotFoundError: the config file does not exist.
+        ConfigValueError: an override that is not ``key=value`` (the message names it).
+    """
+    from hydra.errors import HydraException
+
     cfg = LazyConfig.load(args.config_file)
-    return LazyConfig.apply_overrides(cfg, args.opts)
+    try:
+        return LazyConfig.apply_overrides(cfg, args.opts)
+    except HydraException as e:
+        raise ConfigValueError(f"override {' '.join(str(e).split())}; allowed: key=value, e.g. train.max_iter=100") \
+            from None
 
 
 def main(args):
@@ -49,8 +83,12 @@ def main(args):
 
 
 def cli():
-    args = training_argument_parser("train.output_dir").parse_args()
+    args = training_argument_parser("train.output_dir", description=__doc__.split("\n\n")[0],
+                                    examples=EXAMPLES).parse_args()
     try:
+        if not args.config_file:
+            raise ConfigValueError("--config-file is required: a LazyConfig Python file, e.g. "
+                                   "configs/test/tiny_mask_rcnn_CBN_lazy.py")
         register_coco_sample()
         cfg = load(args)  # checked once, before any process starts or writes
         try:
@@ -59,6 +97,7 @@ def cli():
             sys.exit(f"lazyconfig_train_net.py: error: {e.args[0] if isinstance(e, KeyError) else e}")
         check_output_dir(cfg.train.output_dir, resume=args.resume, eval_only=args.eval_only,
                          allow_existing=args.allow_existing_output_dir, weights=cfg.train.init_checkpoint)
+        check_lazy_config(cfg, eval_only=args.eval_only)  # norm names, datasets registered and present
         print("Command Line Args:", args)
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,), device=cfg.train.device)

@@ -5,10 +5,11 @@
 * Detectron2's builtin names (``coco_2017_train``, ...) resolve under ``$DETECTRON2_DATASETS``;
   :func:`check_datasets_exist` says which file is missing and where it was looked for.
 """
-from .paths import DatasetsNotFoundError, check_datasets_exist, datasets_root
+from .paths import DatasetNotRegisteredError, DatasetsNotFoundError, check_datasets_exist, datasets_root
 from .sample import SAMPLE_DATASETS, SAMPLE_ROOT, SampleRegistrationError, coco_sample_files, register_coco_sample
 
 __all__ = [
+    "DatasetNotRegisteredError",
     "DatasetsNotFoundError",
     "check_datasets_exist",
     "datasets_root",

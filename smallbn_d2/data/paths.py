@@ -11,13 +11,21 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-__all__ = ["ENV", "DatasetsNotFoundError", "datasets_root", "check_datasets_exist"]
+__all__ = ["ENV", "DatasetsNotFoundError", "DatasetNotRegisteredError", "datasets_root", "check_datasets_exist"]
 
 ENV = "DETECTRON2_DATASETS"
 
 
 class DatasetsNotFoundError(FileNotFoundError):
     """A dataset's files are missing; the message names the missing path and where it was looked for."""
+
+
+class DatasetNotRegisteredError(KeyError):
+    """A dataset name is not registered in Detectron2's ``DatasetCatalog``; the message lists the
+    registered COCO names."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0])
 
 
 def datasets_root() -> str:
@@ -33,7 +41,7 @@ def check_datasets_exist(dataset_names: Iterable[str]) -> None:
         dataset_names: names registered in Detectron2's ``DatasetCatalog`` (e.g. ``cfg.DATASETS.TRAIN``).
 
     Raises:
-        KeyError: a name is not registered (the message lists the registered COCO names, and
+        DatasetNotRegisteredError: (a ``KeyError``) a name is not registered (the message lists the registered COCO names, and
             says how to register the sample for ``coco_2017_sample_*``).
         DatasetsNotFoundError: a dataset's annotation file or image folder does not exist; the
             message names the missing path, the datasets root in use and how to change it.
@@ -45,13 +53,13 @@ def check_datasets_exist(dataset_names: Iterable[str]) -> None:
             known = sorted(n for n in DatasetCatalog.list() if n.startswith("coco"))
             hint = (" Call smallbn_d2.data.register_coco_sample() first (tools/train_net.py does)."
                     if name.startswith("coco_2017_sample") else "")
-            raise KeyError(f"Dataset {name!r} is not registered.{hint} Registered COCO datasets: {known}")
+            raise DatasetNotRegisteredError(f"Dataset {name!r} is not registered.{hint} Registered COCO datasets: {known}")
         meta = MetadataCatalog.get(name)
         for attr in ("json_file", "image_root"):
             path = getattr(meta, attr, None)
             if path is not None and not os.path.exists(path):
                 raise DatasetsNotFoundError(
-                    f"Dataset {name!r}: {attr} {path!r} does not exist (working directory {os.getcwd()!r}).\n"
+                    f"Dataset {name!r}: {attr} {path!r} does not exist (working directory {os.getcwd()!r}). "
                     f"Detectron2's builtin datasets resolve under ${ENV}, default 'datasets' in the working "
                     f"directory (in use: {datasets_root()!r}): set {ENV} to the folder that holds "
                     "coco/annotations/instances_{train,val}2017.json and coco/{train,val}2017/, "
