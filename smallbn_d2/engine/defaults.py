@@ -13,7 +13,7 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser
 
-from ..checkpoint import NormStateShapeError
+from ..checkpoint import IncompatibleCheckpointError, NormStateShapeError
 from ..config import ConfigValueError, add_smallbn_config, validate_smallbn_config
 from ..data import DatasetNotRegisteredError, DatasetsNotFoundError, SampleRegistrationError, check_datasets_exist
 from ..layers import NormNotWiredError
@@ -254,7 +254,8 @@ def check_lazy_config(cfg, eval_only: bool = False) -> None:
 #: Errors caused by the user's input (config values, norm wiring, datasets, output dir, checkpoint
 #: shapes, missing files): the training tools print them as one line, without a traceback.
 USER_ERRORS = (OutputDirExistsError, ConfigValueError, DatasetsNotFoundError, DatasetNotRegisteredError,
-               NormNotWiredError, FileNotFoundError, NormStateShapeError, SampleRegistrationError)
+               NormNotWiredError, FileNotFoundError, NormStateShapeError, SampleRegistrationError,
+               IncompatibleCheckpointError)
 
 
 def training_argument_parser(output_dir_key: str = "OUTPUT_DIR", description: str = "",
