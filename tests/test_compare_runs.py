@@ -212,3 +212,37 @@ def test_inference_timer_counts_images_and_leaves_out_warmup_and_training(tmp_pa
     record = resources.append_inference_time(str(tmp_path), timer, ["coco_2017_val"], "cpu", 1, 7)
     lines = (tmp_path / "inference" / "inference_time.json").read_text().splitlines()
     assert json.loads(lines[-1]) == record and record["iteration"] == 7
+
+
+# ----------------------------------------------------------------------------- LazyConfig runs
+def test_compare_runs_reads_a_lazyconfig_run_folder(tmp_path):
+    """A folder written by tools/lazyconfig_train_net.py (its config.yaml holds Detectron2 objects
+    under !!python tags): the table describes the run from the config's own fields and shows the
+    AP of its metrics.json."""
+    run = tmp_path / "lazy_run"
+    lazy_config = os.path.join(REPO, "configs", "test", "tiny_mask_rcnn_CBN_lazy.py")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "lazyconfig_train_net.py"),
+                           "--config-file", lazy_config, "train.max_iter=2", f"train.output_dir={run}",
+                           "model.roi_heads.mask_head.conv_norm=MABN",  # the table must read the override
+                           "model.roi_heads.box_predictor.test_score_thresh=0.0"],  # real detections: finite AP
+                          cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "!!python/object" in (run / "config.yaml").read_text()  # what yaml.safe_load refuses
+
+    out_dir = tmp_path / "cmp"
+    _compare_runs_module().main([str(run), "--output-dir", str(out_dir)])
+    markdown = (out_dir / "comparison.md").read_text()
+    row = {r["run"]: r for r in _table(markdown, "Box AP (bbox)")}["lazy_run"]
+    assert row["model"] == "Mask R-CNN R18-FPN"
+    assert row["norm"] == "FPN+box head: CBN, mask head: MABN, backbone: FrozenBN"
+    assert row["img/GPU x GPUs"] == "2 x 1"  # dataloader.train.total_batch_size 2, one process
+    assert row["schedule"] == "2 iterations"
+    final = [r for r in _direct_rows(run) if "bbox/AP" in r][-1]
+    assert math.isfinite(final["bbox/AP"])
+    for metric in METRICS:  # APs/APm/APl are NaN when the val images have no object of that size
+        if math.isfinite(final[f"bbox/{metric}"]):
+            assert float(row[metric]) == pytest.approx(final[f"bbox/{metric}"], abs=5.1e-4)
+        else:
+            assert row[metric] == "-"
+    assert (out_dir / "loss_curves.png").stat().st_size > 1000

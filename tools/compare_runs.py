@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compare training runs of tools/train_net.py: Markdown tables and PNG plots.
+"""Compare training runs of tools/train_net.py and tools/lazyconfig_train_net.py: Markdown tables and PNG plots.
 
     python tools/compare_runs.py OUTPUT_DIR [OUTPUT_DIR ...] [--names N1 N2 ...] [--published]
         [--output-dir DIR] [--overwrite]
@@ -22,7 +22,8 @@ from smallbn_d2.utils.run_metrics import load_run
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="OUTPUT_DIRs of tools/train_net.py")
+    parser.add_argument("runs", nargs="+", help="output folders of tools/train_net.py (OUTPUT_DIR) or "
+                        "tools/lazyconfig_train_net.py (train.output_dir)")
     parser.add_argument("--names", nargs="+", help="labels of the runs (default: directory names)")
     parser.add_argument("--published", action="store_true", help="add the published numbers as reference rows")
     parser.add_argument("--output-dir", default="compare_runs", help="where to write the plots and comparison.md")

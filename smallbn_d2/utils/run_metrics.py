@@ -2,6 +2,10 @@
 
 * ``config.yaml``: the config as given (dumped by ``default_setup`` *before* Detectron2's
   ``auto_scale_workers``): model, norms, ``SOLVER.IMS_PER_BATCH`` and ``REFERENCE_WORLD_SIZE``.
+  A LazyConfig run (``tools/lazyconfig_train_net.py``) dumps its Python config as YAML, with
+  Python objects (Detectron2's ``ShapeSpec``) under ``!!python/...`` tags: they are read as plain
+  data without importing or running anything (:func:`read_config`), and the fields that describe
+  the run are mapped to the YACS keys above (:func:`lazy_config_as_yacs`).
 * ``metrics.json``: one JSON object per line, written by Detectron2's ``JSONWriter`` every 20
   iterations and at the end: losses, ``time`` (seconds per iteration, median over the last 20),
   peak memory (:mod:`smallbn_d2.engine.resources`), and the evaluation results at the iteration
@@ -36,6 +40,9 @@ __all__ = [
     "model_name",
     "describe_norms",
     "read_inference_time",
+    "read_config",
+    "is_lazy_config",
+    "lazy_config_as_yacs",
     "load_run",
 ]
 
@@ -303,6 +310,121 @@ def read_inference_time(output_dir: str) -> Optional[float]:
     return value
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader that reads ``!!python/...`` tags (objects a LazyConfig dump holds, e.g.
+    ``!!python/object/new:detectron2.layers.shape_spec.ShapeSpec [32, 7, 7, null]``) as the plain
+    list, dict or string under the tag: nothing is imported or called."""
+
+
+def _plain_python_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node):
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+_ConfigLoader.add_multi_constructor("tag:yaml.org,2002:python/", _plain_python_tag)
+
+
+def read_config(path: str) -> dict:
+    """A run's ``config.yaml`` as a nested dict: a YACS dump, or a LazyConfig dump whose Python
+    objects (``!!python/...`` tags) are read as plain lists/dicts (see :class:`_ConfigLoader`).
+
+    Raises:
+        ValueError: the file is not YAML, or not a mapping; the message names the file.
+    """
+    with open(path) as f:
+        try:
+            cfg = yaml.load(f, Loader=_ConfigLoader)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not a readable config: {' '.join(str(e).split())}") from None
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} is not a config (a YAML mapping); it holds a {type(cfg).__name__}")
+    return cfg
+
+
+def is_lazy_config(cfg: dict) -> bool:
+    """Whether ``cfg`` (a ``config.yaml`` dict) is a LazyConfig dump: a ``model`` with a
+    ``_target_`` and a ``train`` field, instead of YACS's ``MODEL``."""
+    model = cfg.get("model")
+    return isinstance(model, dict) and "_target_" in model and isinstance(cfg.get("train"), dict)
+
+
+def _name(target) -> str:
+    """The last part of a ``_target_`` ("detectron2.modeling.FPN" -> "FPN")."""
+    return str(target or "").rsplit(".", 1)[-1]
+
+
+def lazy_config_as_yacs(cfg: dict) -> dict:
+    """The fields of a LazyConfig dump that describe a run, under the YACS keys the readers here use.
+
+    Mapping (Detectron2's model-zoo LazyConfig structure, ``common/models/*.py``):
+    ``MODEL.META_ARCHITECTURE`` from ``model._target_``; ``MODEL.MASK_ON``: ``model.roi_heads``
+    has a ``mask_head``; ``MODEL.BACKBONE.NAME`` ``build_resnet_fpn_backbone`` for an FPN over a
+    ResNet (``build_resnet_backbone`` for a ResNet alone); ``MODEL.RESNETS.DEPTH`` and ``NORM``
+    from ``backbone.bottom_up.stages``; ``MODEL.BACKBONE.FREEZE_AT`` from ``bottom_up.freeze_at``;
+    ``MODEL.FPN.NORM`` from ``backbone.norm``; box head ``conv_dims``/``conv_norm`` to
+    ``ROI_BOX_HEAD.NUM_CONV``/``NORM``; ``mask_head.conv_norm`` to ``ROI_MASK_HEAD.NORM``;
+    ``model.head.norm`` to ``RETINANET.NORM``; ``dataloader.train.total_batch_size`` to
+    ``SOLVER.IMS_PER_BATCH`` (the total over all processes; ``REFERENCE_WORLD_SIZE`` 0: nothing
+    rescales); ``dataloader.test.dataset.names`` to ``DATASETS.TEST``; ``train.max_iter`` to
+    ``SOLVER.MAX_ITER``. Fields the dump lacks are left out.
+    """
+    model = cfg.get("model") or {}
+    backbone = model.get("backbone") or {}
+    bottom_up = backbone.get("bottom_up") if isinstance(backbone.get("bottom_up"), dict) else None
+    resnet = bottom_up if bottom_up is not None else (backbone if _name(backbone.get("_target_")) == "ResNet" else {})
+    stages = resnet.get("stages") if isinstance(resnet.get("stages"), dict) else {}
+    stem = resnet.get("stem") if isinstance(resnet.get("stem"), dict) else {}
+    roi_heads = model.get("roi_heads") if isinstance(model.get("roi_heads"), dict) else {}
+    box_head = roi_heads.get("box_head") if isinstance(roi_heads.get("box_head"), dict) else {}
+    mask_head = roi_heads.get("mask_head") if isinstance(roi_heads.get("mask_head"), dict) else None
+    head = model.get("head") if isinstance(model.get("head"), dict) else {}
+    loader = cfg.get("dataloader") or {}
+    train_loader = loader.get("train") if isinstance(loader.get("train"), dict) else {}
+    test_loader = loader.get("test") if isinstance(loader.get("test"), dict) else {}
+    test_names = (test_loader.get("dataset") or {}).get("names") if isinstance(test_loader.get("dataset"), dict) else None
+
+    arch = _name(model.get("_target_"))
+    fpn = _name(backbone.get("_target_")) == "FPN"
+    backbone_name = ""
+    if resnet:
+        backbone_name = ("build_retinanet_resnet_fpn_backbone" if arch == "RetinaNet" else
+                         "build_resnet_fpn_backbone") if fpn else "build_resnet_backbone"
+    out: dict = {"MODEL": {"META_ARCHITECTURE": arch, "MASK_ON": mask_head is not None,
+                           "BACKBONE": {"NAME": backbone_name}, "RESNETS": {}, "FPN": {}, "ROI_BOX_HEAD": {},
+                           "ROI_MASK_HEAD": {}, "RETINANET": {}},
+                 "SOLVER": {"REFERENCE_WORLD_SIZE": 0}, "DATASETS": {}}
+    m = out["MODEL"]
+    if "depth" in stages:
+        m["RESNETS"]["DEPTH"] = stages["depth"]
+    norm = stages.get("norm", stem.get("norm"))
+    if isinstance(norm, str):
+        m["RESNETS"]["NORM"] = norm
+    if "freeze_at" in resnet:
+        m["BACKBONE"]["FREEZE_AT"] = resnet["freeze_at"]
+    if fpn and isinstance(backbone.get("norm", ""), str):
+        m["FPN"]["NORM"] = backbone.get("norm", "")
+    if box_head:
+        m["ROI_BOX_HEAD"]["NUM_CONV"] = len(box_head.get("conv_dims") or [])
+        m["ROI_BOX_HEAD"]["NORM"] = box_head.get("conv_norm", "") if isinstance(box_head.get("conv_norm", ""), str) else "?"
+    if mask_head is not None:
+        m["ROI_MASK_HEAD"]["NORM"] = mask_head.get("conv_norm", "") if isinstance(mask_head.get("conv_norm", ""),
+                                                                                  str) else "?"
+    if head:
+        m["RETINANET"]["NORM"] = head.get("norm", "") if isinstance(head.get("norm", ""), str) else "?"
+    if "total_batch_size" in train_loader:
+        out["SOLVER"]["IMS_PER_BATCH"] = train_loader["total_batch_size"]
+    if "max_iter" in (cfg.get("train") or {}):
+        out["SOLVER"]["MAX_ITER"] = cfg["train"]["max_iter"]
+    if test_names is not None:
+        out["DATASETS"]["TEST"] = [test_names] if isinstance(test_names, str) else list(test_names)
+    return out
+
+
 def load_run(output_dir: str, name: Optional[str] = None) -> Run:
     """Read one OUTPUT_DIR of ``tools/train_net.py``.
 
@@ -311,21 +433,25 @@ def load_run(output_dir: str, name: Optional[str] = None) -> Run:
             ``inference/`` as far as the run got).
         name: label of the run; default the directory's name.
     Returns:
-        a :class:`Run`; values the files do not give are None.
+        a :class:`Run`; values the files do not give are None. For a LazyConfig run
+        (``tools/lazyconfig_train_net.py``), ``Run.config`` is :func:`lazy_config_as_yacs` of its
+        config.yaml.
     Raises:
         RunNotFoundError: ``output_dir`` is missing or has no ``config.yaml``.
-        ValueError: a corrupt metrics.json line (see :func:`read_metrics`).
+        ValueError: a corrupt metrics.json line (see :func:`read_metrics`), or an unreadable config.yaml.
     """
     cfg_path = os.path.join(output_dir, "config.yaml")
     if not os.path.isdir(output_dir):
         raise RunNotFoundError(f"Run directory {output_dir!r} does not exist")
     if not os.path.isfile(cfg_path):
         raise RunNotFoundError(
-            f"{output_dir!r} has no config.yaml: not an OUTPUT_DIR of tools/train_net.py "
+            f"{output_dir!r} has no config.yaml: not an output folder of tools/train_net.py or "
+            "tools/lazyconfig_train_net.py "
             f"(it holds: {', '.join(sorted(os.listdir(output_dir))[:8]) or 'nothing'})"
         )
-    with open(cfg_path) as f:
-        cfg = yaml.safe_load(f) or {}
+    cfg = read_config(cfg_path)
+    if is_lazy_config(cfg):
+        cfg = lazy_config_as_yacs(cfg)
     metrics_path = os.path.join(output_dir, "metrics.json")
     metrics = read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
     log_path = os.path.join(output_dir, "log.txt")
