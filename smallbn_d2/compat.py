@@ -7,8 +7,9 @@ together with the start-up module ``smallbn_d2_detectron2_compat`` (source in th
 ``detectron2._C`` if and only if no compiled one exists, and restores the NumPy and Pillow
 aliases v0.6 uses. Importing this module has no side effects.
 
-* :func:`has_compiled_ops` tells whether ``detectron2._C`` is a compiled extension; the trainer
-  then evaluates with pycocotools' COCOeval (``use_fast_impl=False``) when it is not.
+* :func:`has_compiled_ops` tells whether ``detectron2._C`` is a compiled extension. When it is
+  not, the start-up module also makes every ``COCOEvaluator`` evaluate with pycocotools' COCOeval
+  (same AP) instead of the fast path that needs ``_C``.
 * :class:`MissingExtensionError` is what the stub's ops raise.
 """
 from __future__ import annotations

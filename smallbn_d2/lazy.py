@@ -108,8 +108,9 @@ def model_zoo_config(path: str):
 def mask_rcnn_fpn_1x_with_norm(norm: str):
     """Detectron2's model-zoo ``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py`` with ``norm``
     in the FPN, a 4conv1fc box head and the mask head (the CBN paper's "normalized heads"), the
-    pretrained backbone kept FrozenBN, and COCO evaluation with pycocotools' COCOeval where
-    Detectron2's compiled extension is absent (same AP).
+    pretrained backbone kept FrozenBN, and the model zoo's COCO evaluation (pycocotools' COCOeval
+    where Detectron2's compiled extension is absent: same AP; the environment's start-up module
+    sees to it).
 
     Args:
         norm: a norm name (e.g. "CBN", "MABN", "GN").
@@ -118,15 +119,12 @@ def mask_rcnn_fpn_1x_with_norm(norm: str):
     Raises:
         FileNotFoundError: as :func:`model_zoo_config`.
     """
-    from .compat import has_compiled_ops
-
     cfg = model_zoo_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py")
     cfg.model.backbone.norm = norm  # FPN lateral and output convs
     cfg.model.roi_heads.box_head.conv_dims = [256, 256, 256, 256]  # 4conv1fc box head
     cfg.model.roi_heads.box_head.fc_dims = [1024]
     cfg.model.roi_heads.box_head.conv_norm = norm
     cfg.model.roi_heads.mask_head.conv_norm = norm
-    cfg.dataloader.evaluator.use_fast_impl = has_compiled_ops()
     return cfg
 
 

@@ -13,7 +13,6 @@ from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from smallbn_d2.compat import has_compiled_ops
 from smallbn_d2.lazy import model_zoo_config
 
 model = model_zoo_config("common/models/mask_rcnn_fpn.py").model
@@ -60,7 +59,6 @@ dataloader.train.num_workers = 0
 dataloader.test.dataset.names = "coco_2017_sample_val"
 dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=128, max_size=192)]
 dataloader.test.num_workers = 0
-dataloader.evaluator.use_fast_impl = has_compiled_ops()
 
 optimizer.lr = 0.005
 # LR x 0.1 for the last quarter of train.max_iter (the schedule is relative to it)

@@ -13,7 +13,6 @@ from detectron2.utils.events import get_event_storage
 from fvcore.nn.precise_bn import get_bn_modules
 
 from ..checkpoint import NormCheckpointer
-from ..compat import has_compiled_ops
 from ..config import cbn_burn_in_iters, norm_keys, resolve_burn_in, scale_norm_iterations
 from ..modeling import NORM_FAMILIES, build_model
 from .freeze import FreezeNormStatsHook
@@ -61,8 +60,9 @@ class Trainer(DefaultTrainer):
       a warning when SyncBN runs in a single process (it is then plain BN).
     * :meth:`build_evaluator`: ``COCOEvaluator`` (box AP, and mask AP when ``MODEL.MASK_ON``),
       writing ``inference/coco_instances_results.json`` (``inference/<dataset>/...`` when
-      ``DATASETS.TEST`` names several datasets); it uses pycocotools' COCOeval when
-      Detectron2's compiled ``_C`` is absent (same numbers, slower).
+      ``DATASETS.TEST`` names several datasets). Without Detectron2's compiled ``_C`` the
+      environment's start-up module makes every ``COCOEvaluator`` use pycocotools' COCOeval
+      (same numbers, slower).
     * ``self.checkpointer`` is a :class:`smallbn_d2.checkpoint.NormCheckpointer`: it loads BN /
       FrozenBN checkpoints into CBN/MABN models and refuses mis-shaped CBN/MABN state with a
       clear error (saving is Detectron2's).
@@ -133,7 +133,7 @@ class Trainer(DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
             if len(cfg.DATASETS.TEST) > 1:
                 output_folder = os.path.join(output_folder, dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops())
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
 
     def build_hooks(self):
         """:class:`NormIterationHook` first, then :class:`FreezeNormStatsHook` (when

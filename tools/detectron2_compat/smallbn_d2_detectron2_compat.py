@@ -8,15 +8,15 @@ smallbn_d2_detectron2_compat.install()`` runs at interpreter start-up. Any progr
 environment can then use Detectron2 without importing smallbn_d2 first.
 
 At start-up :func:`install` only puts one small finder, :class:`Detectron2ImportHook`, first on
-``sys.meta_path``; it imports nothing (no NumPy, no Pillow) and answers every import with "not
-mine" after one string comparison. When the top-level name ``detectron2`` is imported for the
+``sys.meta_path``; it imports nothing (no NumPy, no Pillow) and answers every other import with
+"not mine" after two string comparisons. When the top-level name ``detectron2`` is imported for the
 first time it applies, once:
 
 1. **``detectron2._C`` fallback.** :class:`ExtensionFallbackFinder` is appended at the *end* of
    ``sys.meta_path``, so it is consulted only when no other finder finds ``detectron2._C``: a
    compiled extension always wins and is used untouched. Without one, ``import
    detectron2.layers`` works and the ops that need ``_C`` (rotated boxes, rotated RoIAlign,
-   deformable convolution on CUDA, the fast COCO evaluation) raise
+   deformable convolution on CUDA; the fast COCO evaluation, but see item 4) raise
    :class:`MissingExtensionError` naming the op when called; ``get_compiler_version``,
    ``get_cuda_version`` and ``has_cuda`` report the stub. The stub module carries
    ``__smallbn_stub__ = True`` (read by ``smallbn_d2.compat.has_compiled_ops``).
@@ -24,6 +24,18 @@ first time it applies, once:
    still uses; they are restored as the builtins they always aliased (only where missing).
 3. **Pillow alias.** Pillow >= 10 removed ``Image.LINEAR`` (a default argument in v0.6's
    transforms); it is restored as ``Image.BILINEAR``, the filter it always named.
+
+Later, when ``detectron2.evaluation.fast_eval_api`` is imported (by
+``detectron2.evaluation``), one more fix follows its import (the hook wraps that module's loader):
+
+4. **COCO evaluation without ``_C``.** ``COCOEvaluator`` evaluates with ``fast_eval_api.COCOeval_opt``
+   by default (``use_fast_impl=True``), whose ``evaluate``/``accumulate`` are ``_C`` kernels. If
+   the module got the stub ``_C``, its ``COCOeval_opt`` is replaced by
+   :class:`PycocotoolsCOCOeval`, pycocotools' ``COCOeval`` unchanged (same AP as
+   ``use_fast_impl=False``; slower), which logs once that the fast path is replaced. So every
+   ``COCOEvaluator``, whoever builds it (LazyConfig model-zoo files, ``DefaultTrainer``,
+   Detectron2's ``tools/train_net.py``), evaluates. With a compiled ``_C`` the module is left
+   untouched.
 
 None of this copies Detectron2 code, and all of it is idempotent. Setting the environment
 variable ``SMALLBN_D2_DETECTRON2_COMPAT=0`` disables it (for debugging). The source of this module
@@ -36,6 +48,7 @@ __all__ = [
     "MissingExtensionError",
     "Detectron2ImportHook",
     "ExtensionFallbackFinder",
+    "fix_fast_eval_api",
     "install",
     "DISABLE_ENV",
 ]
@@ -44,6 +57,8 @@ __all__ = [
 DISABLE_ENV = "SMALLBN_D2_DETECTRON2_COMPAT"
 
 _EXTENSION = "detectron2._C"
+_FAST_EVAL = "detectron2.evaluation.fast_eval_api"
+_COCO_EVALUATION = "detectron2.evaluation.coco_evaluation"
 _STUB_REPORT = "none: detectron2._C is the stub of smallbn_d2_detectron2_compat (no compiled extension)"
 
 
@@ -113,20 +128,126 @@ class ExtensionFallbackFinder:
         """Nothing to execute: the stub's attributes are computed on access."""
 
 
+_PYCOCOTOOLS_CLASSES = {}
+
+
+def _pycocotools_cocoeval():
+    """:class:`PycocotoolsCOCOeval`, defined on first use (pycocotools is imported only then)."""
+    if "class" not in _PYCOCOTOOLS_CLASSES:
+        import logging
+
+        from pycocotools.cocoeval import COCOeval
+
+        class PycocotoolsCOCOeval(COCOeval):
+            """pycocotools' ``COCOeval``, unchanged, standing in for Detectron2's ``COCOeval_opt``
+            where ``detectron2._C`` is the stub: same constructor ``(cocoGt, cocoDt, iouType)``,
+            same ``evaluate``/``accumulate``/``summarize`` and so the same AP as
+            ``COCOEvaluator(..., use_fast_impl=False)``. The first construction in a process
+            logs (INFO, logger ``detectron2.evaluation.fast_eval_api``) that the fast path is
+            replaced. Raises what ``COCOeval`` raises."""
+
+            _logged = False
+
+            def __init__(self, *args, **kwargs):
+                if not PycocotoolsCOCOeval._logged:
+                    PycocotoolsCOCOeval._logged = True
+                    logging.getLogger(_FAST_EVAL).info(
+                        "detectron2._C is not compiled (stub of smallbn_d2_detectron2_compat): COCO "
+                        "evaluation uses pycocotools' COCOeval instead of the fast COCOeval_opt "
+                        "(same AP, slower)")
+                super().__init__(*args, **kwargs)
+
+        PycocotoolsCOCOeval.__module__ = __name__
+        PycocotoolsCOCOeval.__qualname__ = "PycocotoolsCOCOeval"
+        _PYCOCOTOOLS_CLASSES["class"] = PycocotoolsCOCOeval
+    return _PYCOCOTOOLS_CLASSES["class"]
+
+
+def __getattr__(name):  # PycocotoolsCOCOeval (not in __all__): pycocotools is imported on first access only
+    if name == "PycocotoolsCOCOeval":
+        return _pycocotools_cocoeval()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def fix_fast_eval_api(module) -> bool:
+    """Replace ``module.COCOeval_opt`` (``module``: ``detectron2.evaluation.fast_eval_api``) by
+    :class:`PycocotoolsCOCOeval` if the ``_C`` it imported is the stub; also in
+    ``detectron2.evaluation.coco_evaluation`` when that module is loaded already and holds the
+    replaced class (it binds the name at its import).
+
+    Returns True if replaced, False (nothing changed) with a compiled ``_C``. Idempotent; raises
+    nothing.
+    """
+    ext = getattr(module, "_C", None) or sys.modules.get(_EXTENSION)
+    if not getattr(ext, "__smallbn_stub__", False):
+        return False
+    original = module.__dict__.get("COCOeval_opt")
+    replacement = _pycocotools_cocoeval()
+    if original is replacement:
+        return True
+    module.COCOeval_opt = replacement
+    evaluation = sys.modules.get(_COCO_EVALUATION)
+    if evaluation is not None and original is not None and evaluation.__dict__.get("COCOeval_opt") is original:
+        evaluation.COCOeval_opt = replacement
+    return True
+
+
+class _FixAfterExec:
+    """Loader wrapper: runs the real loader, then ``fix(module)``; the module keeps the real
+    loader as ``__loader__`` and ``__spec__.loader``."""
+
+    def __init__(self, loader, fix):
+        self.loader = loader
+        self.fix = fix
+
+    def create_module(self, spec):
+        create = getattr(self.loader, "create_module", None)
+        return create(spec) if create is not None else None
+
+    def exec_module(self, module):
+        module.__loader__ = self.loader
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        self.fix(module)
+
+    def __getattr__(self, name):  # get_source, get_filename, is_package, ...
+        return getattr(self.loader, name)
+
+
 class Detectron2ImportHook:
     """First on ``sys.meta_path``: applies the fixes when ``detectron2`` is first imported.
 
-    ``find_spec`` always returns None (the normal finders then find Detectron2); for the name
-    ``detectron2`` it first calls :meth:`apply` once.
+    ``find_spec`` returns None for every name but ``detectron2.evaluation.fast_eval_api`` (the
+    normal finders then find Detectron2); for the name ``detectron2`` it first calls
+    :meth:`apply` once. For ``detectron2.evaluation.fast_eval_api`` it returns the spec the
+    other finders give, with a loader that applies :func:`fix_fast_eval_api` after the module
+    ran.
     """
 
     def __init__(self):
         self.applied = False
 
     def find_spec(self, fullname, path=None, target=None):
-        """Apply the fixes on the first lookup of ``detectron2``; never finds anything."""
+        """Apply the fixes on the first lookup of ``detectron2``; wrap the loader of
+        ``detectron2.evaluation.fast_eval_api``; otherwise find nothing."""
         if fullname == "detectron2" and not self.applied:
             self.apply()
+        elif fullname == _FAST_EVAL:
+            return self._spec_fixed_after_exec(fullname, path, target)
+        return None
+
+    def _spec_fixed_after_exec(self, fullname, path, target):
+        """The spec of ``fullname`` from the finders after this one, its loader wrapped."""
+        for finder in sys.meta_path:
+            if finder is self or isinstance(finder, ExtensionFallbackFinder):
+                continue
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _FixAfterExec(spec.loader, fix_fast_eval_api)
+                return spec
         return None
 
     def apply(self) -> None:
