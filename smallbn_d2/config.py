@@ -17,7 +17,7 @@ from typing import Optional
 from detectron2.config import CfgNode as CN
 
 from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
-from .layers.hyperparameters import INT_AT_LEAST_0, Range, optional
+from .layers.hyperparameters import BOOLEAN, INT_AT_LEAST_0, Range, optional
 
 __all__ = ["add_smallbn_config", "validate_smallbn_config", "scale_norm_iterations", "ConfigValueError",
            "MissingConfigError", "require_smallbn_config", "norm_keys", "cbn_burn_in_iters", "resolve_burn_in"]
@@ -57,10 +57,14 @@ def add_smallbn_config(cfg: CN) -> CN:
     # CBN 6). Paper: k such that k x images per GPU >= 16 (k=4 at 4 images/GPU).
     _C.MODEL.CBN.WINDOW_SIZE = _default(CrossIterationBatchNorm2d, "window_size")
     # Burn-in: k = 1 (plain BN) for this many iterations, then k. Give at most one of
-    # BURN_IN_ITERS / BURN_IN_EPOCHS; with neither, 3 epochs (the paper's COCO setting). Epochs
-    # are converted with the training set size and SOLVER.IMS_PER_BATCH.
+    # BURN_IN_ITERS / BURN_IN_EPOCHS / BURN_IN_UNTIL_LR_STEP; with none, 3 epochs (the paper's
+    # COCO setting). Epochs are converted with the training set size and SOLVER.IMS_PER_BATCH.
     _C.MODEL.CBN.BURN_IN_ITERS = None
     _C.MODEL.CBN.BURN_IN_EPOCHS = None
+    # True: the burn-in lasts until the first learning-rate step, SOLVER.STEPS[0] (after
+    # Detectron2's rescaling of the schedule for the number of GPUs), as in the authors' released
+    # COCO configs (burnin=8 of 12 epochs, LR steps at epochs 8 and 11).
+    _C.MODEL.CBN.BURN_IN_UNTIL_LR_STEP = False
     # Population statistics for inference: PyTorch-style momentum (weight of the new batch) and
     # the unbiased batch variance, as the released code (METHODS.md CBN 7).
     _C.MODEL.CBN.MOMENTUM = _default(CrossIterationBatchNorm2d, "momentum")
@@ -116,6 +120,7 @@ _FREEZE_ITER = Range("-1 (never) or an integer >= 0 (trainer iteration)",
 _OTHER_KEYS = {
     "MODEL.CBN.BURN_IN_ITERS": optional(INT_AT_LEAST_0, "not set"),
     "MODEL.CBN.BURN_IN_EPOCHS": _BURN_IN_EPOCHS,
+    "MODEL.CBN.BURN_IN_UNTIL_LR_STEP": BOOLEAN,
     "MODEL.MABN.HEAD_WARMUP_ITERS": MovingAverageBatchNorm2d.HYPERPARAMETERS["warmup_iters"],
     "MODEL.SMALLBN.FREEZE_NORM_STATS_ITER": _FREEZE_ITER,
 }
@@ -188,13 +193,37 @@ def validate_smallbn_config(cfg: CN) -> None:
             f"MODEL.CBN.BURN_IN_ITERS = {c.BURN_IN_ITERS!r} and MODEL.CBN.BURN_IN_EPOCHS = "
             f"{c.BURN_IN_EPOCHS!r} are both set; allowed: at most one of them (the other None)"
         )
+    if c.BURN_IN_UNTIL_LR_STEP and (c.BURN_IN_ITERS is not None or c.BURN_IN_EPOCHS is not None):
+        other = "BURN_IN_ITERS" if c.BURN_IN_ITERS is not None else "BURN_IN_EPOCHS"
+        raise ConfigValueError(
+            f"MODEL.CBN.BURN_IN_UNTIL_LR_STEP = True and MODEL.CBN.{other} = {c[other]!r} are both set; "
+            "allowed: one way of giving the burn-in (BURN_IN_ITERS and BURN_IN_EPOCHS None with "
+            "BURN_IN_UNTIL_LR_STEP True)"
+        )
+
+
+def _first_lr_step(cfg: CN) -> int:
+    """``SOLVER.STEPS[0]``, for ``MODEL.CBN.BURN_IN_UNTIL_LR_STEP``; a clear error without steps."""
+    steps = tuple(cfg.SOLVER.STEPS)
+    if not steps:
+        raise ConfigValueError(
+            "MODEL.CBN.BURN_IN_UNTIL_LR_STEP = True needs a learning-rate step, but SOLVER.STEPS = () is "
+            "empty; allowed: SOLVER.STEPS with at least one iteration, or the burn-in given by "
+            "MODEL.CBN.BURN_IN_ITERS or BURN_IN_EPOCHS instead")
+    return int(min(steps))
 
 
 def cbn_burn_in_iters(cfg: CN, dataset_size: Optional[int] = None) -> Optional[int]:
-    """CBN burn-in in iterations from ``MODEL.CBN.BURN_IN_ITERS`` or ``BURN_IN_EPOCHS``.
+    """CBN burn-in in iterations from ``MODEL.CBN.BURN_IN_ITERS``, ``BURN_IN_EPOCHS`` or
+    ``BURN_IN_UNTIL_LR_STEP``.
 
-    With neither set, 3 epochs (the paper's COCO setting). Epochs are converted as
-    ``round(epochs * dataset_size / SOLVER.IMS_PER_BATCH)``.
+    With none set, 3 epochs (the paper's COCO setting). Epochs are converted as
+    ``round(epochs * dataset_size / SOLVER.IMS_PER_BATCH)``. ``BURN_IN_UNTIL_LR_STEP`` gives the
+    first learning-rate step, ``min(SOLVER.STEPS)``, read from ``cfg`` as it is: in smallbn_d2's
+    Trainer that is after Detectron2's ``auto_scale_workers`` has rescaled ``SOLVER.STEPS`` for the
+    number of GPUs (``SOLVER.REFERENCE_WORLD_SIZE``), so the window starts at the step the
+    learning rate actually drops (source: the CBN authors' released COCO configs, ``burnin=8`` of
+    12 epochs with steps at epochs 8 and 11).
 
     Args:
         cfg: a config with smallbn_d2's keys.
@@ -202,12 +231,15 @@ def cbn_burn_in_iters(cfg: CN, dataset_size: Optional[int] = None) -> Optional[i
     Returns:
         iterations, or None when the burn-in is given in epochs and ``dataset_size`` is None.
     Raises:
-        ConfigValueError: invalid smallbn_d2 keys; ``dataset_size`` not an integer >= 0.
+        ConfigValueError: invalid smallbn_d2 keys; ``dataset_size`` not an integer >= 0;
+            ``BURN_IN_UNTIL_LR_STEP`` with an empty ``SOLVER.STEPS``.
     """
     validate_smallbn_config(cfg)
     c = cfg.MODEL.CBN
     if c.BURN_IN_ITERS is not None:
         return int(c.BURN_IN_ITERS)
+    if c.BURN_IN_UNTIL_LR_STEP:
+        return _first_lr_step(cfg)
     epochs = 3.0 if c.BURN_IN_EPOCHS is None else float(c.BURN_IN_EPOCHS)
     if epochs == 0:
         return 0
@@ -218,33 +250,46 @@ def cbn_burn_in_iters(cfg: CN, dataset_size: Optional[int] = None) -> Optional[i
     return int(round(epochs * dataset_size / cfg.SOLVER.IMS_PER_BATCH))
 
 
-def resolve_burn_in(cfg: CN, dataset_size: int) -> CN:
+def resolve_burn_in(cfg: CN, dataset_size: Optional[int] = None) -> CN:
     """A copy of ``cfg`` whose CBN burn-in is given in iterations (``MODEL.CBN.BURN_IN_ITERS``).
 
     Burn-in in epochs needs the training set size, which the model builder does not read: the
-    trainer (or a custom training script) converts it here, where the size is known.
+    trainer (or a custom training script) converts it here, where the size is known. A burn-in
+    until the first learning-rate step (``BURN_IN_UNTIL_LR_STEP``) becomes ``min(SOLVER.STEPS)`` of
+    ``cfg`` as given: call this after Detectron2's ``auto_scale_workers`` (the Trainer does), so
+    that the steps are those of the actual number of GPUs.
 
     Args:
         cfg: a config with smallbn_d2's keys (not modified).
-        dataset_size: training images after Detectron2's filtering, integer >= 0.
+        dataset_size: training images after Detectron2's filtering, integer >= 0; needed only for
+            a burn-in in epochs (None otherwise).
     Returns:
         ``cfg`` itself if the burn-in is already in iterations, else a converted clone (frozen if
         ``cfg`` was).
     Raises:
-        ConfigValueError: invalid keys or ``dataset_size``.
+        ConfigValueError: invalid keys or ``dataset_size`` (None for a burn-in in epochs); an empty
+            ``SOLVER.STEPS`` with ``BURN_IN_UNTIL_LR_STEP``.
     """
     if cfg.MODEL.CBN.BURN_IN_ITERS is not None:
         validate_smallbn_config(cfg)
         return cfg
     iters = cbn_burn_in_iters(cfg, dataset_size)
-    epochs = 3.0 if cfg.MODEL.CBN.BURN_IN_EPOCHS is None else cfg.MODEL.CBN.BURN_IN_EPOCHS
-    logger.info(f"CBN burn-in: {epochs} epochs x {dataset_size} images / {cfg.SOLVER.IMS_PER_BATCH} "
-                f"images per iteration = {iters} iterations")
+    if cfg.MODEL.CBN.BURN_IN_UNTIL_LR_STEP:
+        logger.info(f"CBN burn-in: until the first learning-rate step, SOLVER.STEPS = "
+                    f"{tuple(cfg.SOLVER.STEPS)} -> {iters} iterations")
+    elif iters is None:
+        raise ConfigValueError(f"dataset_size = {dataset_size!r} is invalid for a CBN burn-in in epochs; "
+                               "allowed: an integer >= 0 (images)")
+    else:
+        epochs = 3.0 if cfg.MODEL.CBN.BURN_IN_EPOCHS is None else cfg.MODEL.CBN.BURN_IN_EPOCHS
+        logger.info(f"CBN burn-in: {epochs} epochs x {dataset_size} images / {cfg.SOLVER.IMS_PER_BATCH} "
+                    f"images per iteration = {iters} iterations")
     frozen = cfg.is_frozen()
     out = cfg.clone()
     out.defrost()
     out.MODEL.CBN.BURN_IN_ITERS = iters
     out.MODEL.CBN.BURN_IN_EPOCHS = None
+    out.MODEL.CBN.BURN_IN_UNTIL_LR_STEP = False
     if frozen:
         out.freeze()
     return out

@@ -32,7 +32,10 @@ The arguments are those of :class:`~smallbn_d2.CrossIterationBatchNorm2d` (CBN, 
 Units: every count is in trainer iterations. A CBN burn-in in epochs (the YAML key
 ``MODEL.CBN.BURN_IN_EPOCHS``) has no lazy field, because building a lazy model reads no data:
 convert it in the config file with :func:`burn_in_iterations` (epochs x training images /
-images per iteration). Nothing rescales the iteration counts when the number of GPUs changes
+images per iteration). A burn-in until the first learning-rate step (the YAML key
+``MODEL.CBN.BURN_IN_UNTIL_LR_STEP``, the CBN authors' released recipe) is
+:func:`burn_in_until_first_lr_step` of the config's ``lr_multiplier``.
+Nothing rescales the iteration counts when the number of GPUs changes
 (Detectron2's LazyConfig flow has no ``auto_scale_workers``): with another total batch size,
 change ``dataloader.train.total_batch_size``, the schedule and these counts together.
 
@@ -64,6 +67,7 @@ __all__ = [
     "model_zoo_config",
     "mask_rcnn_fpn_1x_with_norm",
     "burn_in_iterations",
+    "burn_in_until_first_lr_step",
     "check_norm_arguments",
     "check_smallbn_field",
     "build_lazy_model",
@@ -153,6 +157,45 @@ def burn_in_iterations(epochs: float, num_images: int, images_per_iteration: int
     if isinstance(images_per_iteration, bool) or not isinstance(images_per_iteration, int) or images_per_iteration < 1:
         raise ValueError(f"images_per_iteration = {images_per_iteration!r} is invalid; allowed: an integer >= 1")
     return int(round(epochs * num_images / images_per_iteration))
+
+
+def burn_in_until_first_lr_step(lr_multiplier) -> int:
+    """A CBN burn-in that lasts until the first learning-rate step, for a LazyConfig's
+    ``smallbn.norms.CBN.burn_in`` (the YAML key ``MODEL.CBN.BURN_IN_UNTIL_LR_STEP``).
+
+    The CBN authors' released COCO configs keep k = 1 until the learning rate first drops
+    (``burnin=8`` of 12 epochs, steps at epochs 8 and 11). This reads the first milestone, in
+    trainer iterations, of a LazyConfig's ``lr_multiplier`` node (not instantiated): a
+    ``WarmupParamScheduler`` whose ``scheduler`` is a ``MultiStepParamScheduler``, as in
+    Detectron2's ``common/coco_schedule.py``, or a ``MultiStepParamScheduler`` node itself.
+    Without ``num_updates`` the last milestone is the end of training (fvcore's convention), not
+    a step. It is evaluated when the config file runs: after changing ``lr_multiplier.scheduler.milestones`` (for example on the command
+    line), set ``smallbn.norms.CBN.burn_in`` to the new first milestone as well.
+
+    Args:
+        lr_multiplier: the config's ``lr_multiplier`` (a ``LazyCall`` node or a dict).
+    Returns:
+        the smallest milestone before the end of training, in iterations (>= 0).
+    Raises:
+        ValueError: no milestones found, or not integers >= 0 (the message names what was given
+            and what is allowed).
+    """
+    def field(node, name):
+        return node.get(name) if isinstance(node, Mapping) or hasattr(node, "get") else None
+
+    node = field(lr_multiplier, "scheduler")
+    node = lr_multiplier if node is None else node
+    milestones = field(node, "milestones")
+    steps = [] if milestones is None else list(milestones)
+    if field(node, "num_updates") is None:  # fvcore: the last milestone is then the end of training
+        steps = steps[:-1]
+    if not steps or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in steps):
+        raise ValueError(
+            f"lr_multiplier has no learning-rate step: milestones = {milestones!r} (num_updates = "
+            f"{field(node, 'num_updates')!r}); allowed: "
+            "a LazyCall MultiStepParamScheduler node with at least one milestone before the end of training, "
+            "in iterations (integers >= 0), alone or as the scheduler of a WarmupParamScheduler node")
+    return int(min(steps))
 
 
 def _plain(value: Any) -> Any:

@@ -16,6 +16,7 @@ from ..checkpoint import NormCheckpointer
 from ..config import cbn_burn_in_iters, norm_keys, resolve_burn_in, scale_norm_iterations
 from ..modeling import NORM_FAMILIES, build_model
 from .freeze import FreezeNormStatsHook
+from .grad_clip import build_optimizer_with_clipping
 from .hooks import NormIterationHook
 from .resources import InferenceTimer, PeakMemoryHook, append_inference_time
 from .syncbn import warn_single_process_syncbn
@@ -51,7 +52,9 @@ class Trainer(DefaultTrainer):
     * :meth:`build_model`: :func:`smallbn_d2.build_model` (layers built with the hyperparameters of
       ``cfg.MODEL.CBN``/``cfg.MODEL.MABN``, wired to their producing convs). A CBN burn-in given in
       epochs is converted to iterations first, with the training set size
-      (:func:`training_set_size`; the only place that reads the dataset for it).
+      (:func:`training_set_size`; the only place that reads the dataset for it), and one until the
+      first learning-rate step (``MODEL.CBN.BURN_IN_UNTIL_LR_STEP``) becomes ``SOLVER.STEPS[0]``
+      after the steps are rescaled for the number of GPUs.
     * :meth:`build_hooks`: :class:`NormIterationHook` first, then freezing of the norm
       statistics (``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER``), then Detectron2's default hooks
       with PreciseBN covering CBN and MABN (:class:`PreciseNorm`).
@@ -75,8 +78,8 @@ class Trainer(DefaultTrainer):
         # and the norms' burn-in/warm-ups must follow (smallbn_d2.config.scale_norm_iterations).
         cfg = scale_norm_iterations(cfg, comm.get_world_size())
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())  # what super() does; idempotent
-        if cbn_burn_in_iters(cfg) is None and uses_cbn(cfg):
-            cfg = resolve_burn_in(cfg, training_set_size(cfg))
+        if uses_cbn(cfg) and cfg.MODEL.CBN.BURN_IN_ITERS is None:  # epochs, or until the first LR step
+            cfg = resolve_burn_in(cfg, training_set_size(cfg) if cbn_burn_in_iters(cfg) is None else None)
         super().__init__(cfg)
         self.checkpointer = NormCheckpointer(self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         for hook in self._hooks:
@@ -101,6 +104,12 @@ class Trainer(DefaultTrainer):
         else:
             logger.warning("The checkpoint has no optimizer state (written by Detectron2 v0.6's DefaultTrainer): "
                            "the optimizer (SGD momentum) starts afresh.")
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """Detectron2's optimizer; ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: "full_model"`` clips the norm of
+        all gradients together, as mmdetection's ``grad_clip`` (:mod:`smallbn_d2.engine.grad_clip`)."""
+        return build_optimizer_with_clipping(cfg, model, super().build_optimizer)
 
     @classmethod
     def build_model(cls, cfg):
