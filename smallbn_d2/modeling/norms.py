@@ -10,8 +10,12 @@ them see is to change that one function object: :func:`install` (run by ``import
 replaces the *code* of ``detectron2.layers.batch_norm.get_norm`` with a call to :func:`get_norm`
 below. It serves the names of :data:`~smallbn_d2.modeling.families.NORM_FAMILIES` and hands every
 other name to an unchanged copy of the original function, so Detectron2's names (whatever the
-installed version accepts: v0.6's, main's "LN", ...) keep working exactly as before. Nothing else
-of Detectron2 is changed.
+installed version accepts: v0.6's, main's "LN", ...) keep working exactly as before. By the same
+mechanism, the two places where Detectron2 recognizes norms by class and which decide how a
+detector trains give the families' layers BN's treatment (:mod:`smallbn_d2.modeling.parity`):
+``detectron2.solver.build.get_default_optimizer_params`` (``SOLVER.WEIGHT_DECAY_NORM``) and
+``FrozenBatchNorm2d.convert_frozen_batchnorm`` (frozen stages, ``MODEL.BACKBONE.FREEZE_AT``).
+Nothing else of Detectron2 is changed (docs/NORM_PARITY.md lists every norm-aware place).
 
 Configured layers
 -----------------
@@ -218,13 +222,19 @@ def _trampoline(norm, out_channels):  # its code becomes Detectron2's get_norm's
 
 
 def install() -> None:
-    """Route ``detectron2.layers.get_norm`` (every reference to it) through :func:`get_norm`.
+    """Route ``detectron2.layers.get_norm`` (every reference to it) through :func:`get_norm`, and
+    give the families' layers BN's treatment where Detectron2 recognizes norms by class
+    (``get_default_optimizer_params``, ``FrozenBatchNorm2d.convert_frozen_batchnorm``:
+    :mod:`smallbn_d2.modeling.parity`).
 
     Idempotent. Raises nothing.
     """
     global _d2_get_norm
     from detectron2.layers import batch_norm
 
+    from . import parity
+
+    parity.install()
     target = batch_norm.get_norm
     existing = batch_norm.__dict__.get("_smallbn_get_norm")
     if existing is not None:

@@ -17,11 +17,11 @@ trainer converts it with the training set size (:func:`smallbn_d2.config.resolve
 from __future__ import annotations
 
 import logging
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.layers import CycleBatchNormList
+from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d
 from detectron2.modeling import build_model as d2_build_model
 from torch import nn
 
@@ -29,6 +29,7 @@ from ..layers import IterationNormBase
 from ..layers.base import NormNotWiredError
 from .families import NORM_FAMILIES
 from .norms import norm_hyperparameters
+from .parity import FROZEN_FROM
 
 __all__ = ["build_model", "prepare_norms", "iteration_norms", "set_norm_iteration"]
 
@@ -86,7 +87,9 @@ def prepare_norms(model: nn.Module, cfg: Optional[CfgNode] = None) -> nn.Module:
 
     Args:
         model: e.g. from ``detectron2.modeling.build_model(cfg)`` (not yet trained or loaded).
-        cfg: its config, only used to name ``MODEL.BACKBONE.FREEZE_AT`` in a warning.
+        cfg: its config, only used to name ``MODEL.BACKBONE.FREEZE_AT`` in the log. Layers in
+            frozen stages are ``FrozenBatchNorm2d`` already (Detectron2 freezes while it builds;
+            :mod:`smallbn_d2.modeling.parity`); one info line counts them.
     Returns:
         ``model``.
     Raises:
@@ -105,16 +108,15 @@ def prepare_norms(model: nn.Module, cfg: Optional[CfgNode] = None) -> nn.Module:
         for _, layer in layers:
             counts[type(layer).__name__] = counts.get(type(layer).__name__, 0) + 1
         logger.info(f"smallbn_d2: wired {counts}")
-        frozen = [name for name, layer in layers if layer.affine and not layer.weight.requires_grad]
-        if frozen:
-            # Detectron2's ResNet.freeze() (MODEL.BACKBONE.FREEZE_AT) turns only BatchNorm into
-            # FrozenBatchNorm2d; CBN/MABN in frozen stages keep updating their statistics.
-            at = f" (MODEL.BACKBONE.FREEZE_AT = {cfg.MODEL.BACKBONE.FREEZE_AT})" if cfg is not None else ""
-            logger.warning(
-                f"{len(frozen)} CBN/MABN layers sit in frozen stages{at}, e.g. {frozen[0]!r}: their affine "
-                "parameters are frozen but their statistics still adapt in training. Use FREEZE_AT 0 with "
-                "CBN/MABN in the backbone, or MODEL.RESNETS.NORM FrozenBN for a frozen pretrained backbone."
-            )
+    frozen: Dict[str, int] = {}
+    for module in model.modules():
+        source = getattr(module, FROZEN_FROM, None) if isinstance(module, FrozenBatchNorm2d) else None
+        if source is not None:
+            frozen[source] = frozen.get(source, 0) + 1
+    if frozen:
+        at = f" (MODEL.BACKBONE.FREEZE_AT = {cfg.MODEL.BACKBONE.FREEZE_AT})" if cfg is not None else ""
+        logger.info(f"smallbn_d2: frozen stages{at} hold FrozenBatchNorm2d with the eval-mode affine of "
+                    f"{frozen} layers, as Detectron2 does for BatchNorm")
     return model
 
 
