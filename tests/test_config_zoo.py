@@ -96,6 +96,29 @@ def test_config_is_short_on_shared_bases_and_states_images_per_gpu(params):
         assert "weight centralization" in comments and "MSRA R-50" in comments
 
 
+ZOO_BASES = ("Base-RCNN-FPN.yaml", "Base-RCNN-R_50_FPN_1x.yaml", "Base-RCNN-R_50_FPN_scratch_3x.yaml",
+             "Base-RetinaNet-R_50_FPN_1x.yaml", "Base-RetinaNet-R_50_FPN_scratch_3x.yaml")
+WHOSE = ("smallbn_d2's own regime", "the paper's text", "the released code", "Detectron2's")
+
+
+@pytest.mark.parametrize("path", [zoo_path(*z) for z in ZOO] + [os.path.join(REPO, "configs", b) for b in ZOO_BASES],
+                         ids=lambda p: os.path.basename(p))
+def test_config_header_says_whose_recipe_it_follows(path):
+    """Issue 21: each zoo config says whose recipe it follows and, for CBN and MABN (the norms with
+    published rows), where the authors' released recipe is (configs/reproduce/)."""
+    with open(path) as f:
+        header = " ".join(line[1:].strip() for line in f.read().splitlines() if line.startswith("#"))
+    assert "Recipe:" in header
+    recipe = header[header.index("Recipe:"):]
+    assert any(w in recipe for w in WHOSE), recipe
+    name = os.path.basename(path)
+    if name == "Base-RCNN-R_50_FPN_1x.yaml" or (
+            ("_CBN_" in name or "_MABN_" in name) and not name.startswith("retinanet")):
+        assert "configs/reproduce/" in recipe and ("paper's text" in recipe or "released code" in recipe), recipe
+    if "_CBN_" in name and not name.startswith("retinanet"):
+        assert "k = 8" in recipe and "first LR step" in recipe or "from scratch" in recipe, recipe
+
+
 def test_scratch_bases_of_rcnn_and_retinanet_agree():
     """The scratch keys are written twice (a Detectron2 config has one _BASE_): they must agree."""
     def load(name):
