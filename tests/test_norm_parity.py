@@ -260,24 +260,26 @@ def test_freezing_a_trained_stage_keeps_its_eval_output(norm):
         torch.testing.assert_close(after[k], before[k], rtol=1e-4, atol=1e-4)
 
 
-def _save_bn_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def bn_checkpoint(tmp_path_factory):
     """A BN model (nothing frozen) with moved statistics, saved by Detectron2's checkpointer."""
     from detectron2.checkpoint import DetectionCheckpointer
 
     bn = _build(_cfg("BN", freeze_at=0), seed=1)
     _randomize_statistics(bn)
-    DetectionCheckpointer(bn, save_dir=str(tmp_path)).save("bn")
-    return os.path.join(str(tmp_path), "bn.pth")
+    folder = str(tmp_path_factory.mktemp("bn_checkpoint"))
+    DetectionCheckpointer(bn, save_dir=folder).save("bn")
+    return os.path.join(folder, "bn.pth")
 
 
 @pytest.mark.parametrize("checkpointer", ["detectron2", "smallbn_d2"])
 @pytest.mark.parametrize("norm", FAMILIES)
-def test_bn_checkpoint_loads_into_frozen_stages_as_into_bn(norm, checkpointer, tmp_path):
+def test_bn_checkpoint_loads_into_frozen_stages_as_into_bn(norm, checkpointer, bn_checkpoint):
     from detectron2.checkpoint import DetectionCheckpointer
 
     from smallbn_d2.checkpoint import NormCheckpointer
 
-    path = _save_bn_checkpoint(tmp_path)
+    path = bn_checkpoint
     Checkpointer = DetectionCheckpointer if checkpointer == "detectron2" else NormCheckpointer
     loaded = {}
     for n in ("BN", norm):
@@ -377,3 +379,67 @@ def test_checkpoint_round_trip(norm, tmp_path):
         a, b = model.backbone(x), fresh.backbone(x)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ torch and fvcore
+def _conv_norm(norm):
+    torch.manual_seed(0)
+    layer = nn.BatchNorm2d(8) if norm == "BN" else NORM_FAMILIES[norm].layer_class(8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), layer)
+    if norm != "BN":
+        from smallbn_d2 import prepare_norms
+
+        prepare_norms(model)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("norm", FAMILIES)
+def test_torch_and_fvcore_norm_places(norm):
+    """The rows of docs/NORM_PARITY.md for torch and fvcore, as they stand."""
+    from fvcore.nn import FlopCountAnalysis, parameter_count
+    from fvcore.nn.precise_bn import get_bn_modules
+
+    from smallbn_d2 import convert_to_frozen_bn
+
+    bn, ours = _conv_norm("BN"), _conv_norm(norm)
+    x = torch.randn(2, 3, 12, 12)
+    # SyncBatchNorm conversion: deliberately not (per-process statistics are the methods' design)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ours))
+    assert type(synced[1]) is type(ours[1])
+    # fvcore: PreciseBN's BN list does not see them (smallbn_d2's PreciseNorm does); same parameters
+    assert len(get_bn_modules(bn.train())) == 1 and len(get_bn_modules(ours.train())) == 0
+    bn.eval()
+    ours.eval()
+    assert parameter_count(ours)[""] == parameter_count(bn)[""]
+    conv_flops = FlopCountAnalysis(bn, x).unsupported_ops_warnings(False).by_operator()["conv"]
+    flops = FlopCountAnalysis(ours, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    assert flops.by_operator()["conv"] == conv_flops
+    # conv-BN fusion: torch.ao's fuser refuses them; smallbn_d2 folds FrozenBN made from them
+    with pytest.raises(AssertionError, match="did not find fuser method"):
+        torch.ao.quantization.fuse_modules(copy.deepcopy(ours), [["0", "1"]])
+    with torch.no_grad():
+        want = ours(x)
+        folded = convert_to_frozen_bn(copy.deepcopy(ours), fold=True)
+        assert not any(isinstance(m, (IterationNormBase, FrozenBatchNorm2d)) for m in folded.modules())
+        torch.testing.assert_close(folded(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_every_test_named_in_the_parity_table_exists():
+    """docs/NORM_PARITY.md names a test per row (``file.py::test`` or ``::test`` for the file before)."""
+    import ast
+    import re
+
+    with open(os.path.join(REPO, "docs", "NORM_PARITY.md")) as f:
+        text = f.read()
+    named, current = [], None
+    for file, test in re.findall(r"`(test_\w+\.py)?::(test_\w+)`", text):
+        current = file or current
+        named.append((current, test))
+    assert len(named) >= 15
+    for file, test in named:
+        with open(os.path.join(REPO, "tests", file)) as f:
+            tree = ast.parse(f.read())
+        assert test in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, f"{file}::{test}"
