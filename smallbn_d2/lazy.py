@@ -430,9 +430,11 @@ def do_train(cfg, resume: bool = False) -> None:
     ``optimizer``, ``lr_multiplier``, ``train`` as in Detectron2's ``common/train.py``) and
     optionally ``smallbn`` (module docstring). Hooks, in order: :func:`norm_hooks`, iteration
     timer, LR scheduler, PreciseBN for BN/CBN/MABN (:class:`~smallbn_d2.engine.PreciseNorm`,
-    when ``smallbn.precise_norm.enabled``; period ``train.eval_period``), periodic checkpointer
-    (main process), evaluation every ``train.eval_period`` iterations and after the last,
-    metric writers every ``train.log_period`` iterations.
+    when ``smallbn.precise_norm.enabled``; period ``train.eval_period``), averaging of the
+    population statistics over the processes before each checkpoint and evaluation
+    (:class:`~smallbn_d2.engine.AveragePopulationStatistics`), periodic checkpointer (main
+    process), evaluation every ``train.eval_period`` iterations and after the last, metric
+    writers every ``train.log_period`` iterations.
 
     Args:
         cfg: the loaded LazyConfig (``cfg.optimizer.params.model`` is set to the model, as
@@ -447,7 +449,7 @@ def do_train(cfg, resume: bool = False) -> None:
     from detectron2.utils import comm
 
     from .checkpoint import NormCheckpointer
-    from .engine import PreciseNorm
+    from .engine import AveragePopulationStatistics, PreciseNorm
     from .engine.launch import create_ddp_model
 
     first = norm_hooks(cfg)  # checks the field before anything is built
@@ -469,6 +471,7 @@ def do_train(cfg, resume: bool = False) -> None:
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         precise_hook,
+        AveragePopulationStatistics((_plain(cfg.train.checkpointer).get("period", 0), cfg.train.eval_period)),
         hooks.PeriodicCheckpointer(checkpointer, **_plain(cfg.train.checkpointer)) if comm.is_main_process() else None,
         hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)

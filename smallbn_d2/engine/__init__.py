@@ -2,7 +2,7 @@
 from .defaults import (USER_ERRORS, OutputDirExistsError, check_output_dir, load_config, setup_cpu,
                        training_argument_parser)
 from .freeze import FreezeNormStatsHook, freeze_norm_statistics
-from .hooks import NormIterationHook
+from .hooks import AveragePopulationStatistics, NormIterationHook, average_population_statistics
 from .launch import launch
 from .precise_norm import PreciseNorm, update_norm_stats
 from .trainer import Trainer, training_set_size

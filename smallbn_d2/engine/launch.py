@@ -23,7 +23,9 @@ Semantics (the same as on GPUs): ``SOLVER.IMS_PER_BATCH`` is the total over the 
 gradients are all-reduced by DDP (``broadcast_buffers=False``), so weights stay identical across
 processes while every process keeps its own norm statistics: BN, CBN and MABN statistics,
 windows and moving averages are per process, as the papers specify (CBN: per-GPU statistics;
-MABN: per-GPU batch of 2). Synchronized BN on CPU: PyTorch's ``nn.SyncBatchNorm`` (norm
+MABN: per-GPU batch of 2). Before every checkpoint and evaluation the trainer averages the
+population statistics across the processes (:class:`~smallbn_d2.engine.AveragePopulationStatistics`),
+so that every process evaluates, and the checkpoint holds, the same model. Synchronized BN on CPU: PyTorch's ``nn.SyncBatchNorm`` (norm
 ``"SyncBN"``) only runs on CUDA, so :func:`check_cpu_distributed` refuses it before any process
 starts and points to Detectron2's ``"naiveSyncBN"`` (``NaiveSyncBatchNorm``), which all-reduces
 with any backend.

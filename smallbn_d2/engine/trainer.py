@@ -17,7 +17,7 @@ from ..config import cbn_burn_in_iters, norm_keys, resolve_burn_in, scale_norm_i
 from ..modeling import NORM_FAMILIES, build_model
 from .freeze import FreezeNormStatsHook
 from .grad_clip import build_optimizer_with_clipping
-from .hooks import NormIterationHook
+from .hooks import AveragePopulationStatistics, NormIterationHook
 from .resources import InferenceTimer, PeakMemoryHook, append_inference_time
 from .syncbn import warn_single_process_syncbn
 from .precise_norm import PreciseNorm, precise_norm_layers
@@ -149,7 +149,9 @@ class Trainer(DefaultTrainer):
         ``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER >= 0``), then Detectron2's default hooks, with
         Detectron2's ``PreciseBN`` (BN only) replaced by :class:`PreciseNorm` (BN, CBN, NaiveCBN,
         MABN) at the same place and with the same keys (``TEST.PRECISE_BN.ENABLED``/``NUM_ITER``,
-        period ``TEST.EVAL_PERIOD``)."""
+        period ``TEST.EVAL_PERIOD``), and :class:`AveragePopulationStatistics` after it, before the
+        checkpointer and the evaluation (periods ``SOLVER.CHECKPOINT_PERIOD``, ``TEST.EVAL_PERIOD``
+        and the last iteration): with several processes, the model saved and evaluated is one."""
         cfg = self.cfg
         precise = cfg.TEST.PRECISE_BN.ENABLED
         if precise:  # build Detectron2's hooks without its PreciseBN (and without its loader)
@@ -169,6 +171,9 @@ class Trainer(DefaultTrainer):
                                cfg.TEST.PRECISE_BN.NUM_ITER)
             after = [i for i, h in enumerate(ret) if isinstance(h, d2_hooks.LRScheduler)]
             ret.insert(after[0] + 1 if after else 0, hook)  # before checkpointer and evaluation
+        at = [i for i, h in enumerate(ret) if isinstance(h, (d2_hooks.PeriodicCheckpointer, d2_hooks.EvalHook))]
+        ret.insert(at[0] if at else len(ret),  # every process: the checkpointer is the main process's only
+                   AveragePopulationStatistics((cfg.SOLVER.CHECKPOINT_PERIOD, cfg.TEST.EVAL_PERIOD)))
         first = [NormIterationHook(), PeakMemoryHook(cfg.MODEL.DEVICE)]  # memory: before the writers
         if cfg.MODEL.SMALLBN.FREEZE_NORM_STATS_ITER >= 0:
             first.append(FreezeNormStatsHook(cfg.MODEL.SMALLBN.FREEZE_NORM_STATS_ITER))
