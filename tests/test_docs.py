@@ -307,3 +307,142 @@ def test_documented_tool_options_exist(md, help_results):
         if rc == 0 and not re.search(re.escape(option) + r"(?![\w-])", out):
             problems.append(f"{md}:{no}: {tool} does not list {option} in its --help")
     assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------------- --help texts
+def options_without_help(help_text: str) -> List[str]:
+    """The options of an argparse ``--help`` output that have no help text: an option line with
+    nothing after the option (two or more spaces apart) and no indented help line below it."""
+    lines = help_text.splitlines()
+    bad, in_section = [], False
+    for i, line in enumerate(lines):
+        if re.match(r"^\S.*:$", line):  # "options:", "positional arguments:", group titles
+            in_section = True
+            continue
+        if line.strip() and not line.startswith(" "):
+            in_section = False
+            continue
+        if in_section and re.match(r"^  \S", line):
+            inline = re.search(r"\S\s{2,}\S", line.strip())
+            below = lines[i + 1] if i + 1 < len(lines) else ""
+            if not inline and not re.match(r"^\s{4,}\S", below):
+                bad.append(line.strip())
+    return bad
+
+
+def test_options_without_help_finds_planted_ones():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="t", description="d")
+    p.add_argument("--documented", help="what it does")
+    p.add_argument("--bare", type=int)
+    p.add_argument("--flag", action="store_true")
+    p.add_argument("--long-option-name-with-metavar", metavar="A_VERY_LONG_METAVAR", help="wrapped below")
+    assert options_without_help(p.format_help()) == ["--bare BARE", "--flag"]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_tool_help_describes_the_tool_and_every_option(tool, help_results):
+    rc, out = help_results[tool]
+    assert rc == 0, out[-3000:]
+    # argparse prints the description between the usage and the first section
+    paragraphs = [p for p in re.split(r"\n\s*\n", out.split("usage:", 1)[-1]) if p.strip()]
+    assert len(paragraphs) > 1 and not re.match(r"^\s*(positional arguments|options|optional arguments):",
+                                                paragraphs[1]), f"{tool} --help has no description:\n{out[:2000]}"
+    assert options_without_help(out) == [], f"{tool} --help: options without help"
+
+
+def test_lazyconfig_tool_help_shows_lazyconfig_overrides(help_results):
+    _, out = help_results["tools/lazyconfig_train_net.py"]
+    assert "train.max_iter=" in out and "smallbn.norms.CBN.window_size=" in out
+    assert "SOLVER.BASE_LR" not in out and "MODEL.WEIGHTS" not in out and "PATH.KEY VALUE" not in out
+    _, out = help_results["tools/train_net.py"]
+    assert "SOLVER.MAX_ITER 20" in out and "path.key=value" not in out
+
+
+def test_detectron2_main_script_answers_help():
+    proc = subprocess.run(["bash", os.path.join(REPO, "tools", "test_detectron2_main.sh"), "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: bash tools/test_detectron2_main.sh TARBALL [PYTEST ARGS...]")
+    assert "SMALLBN_D2_EXPECT_DETECTRON2" in proc.stdout and proc.stderr == ""
+    proc = subprocess.run(["bash", os.path.join(REPO, "tools", "test_detectron2_main.sh"), "--verbose"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown option --verbose" in proc.stderr
+
+
+@pytest.mark.parametrize("tool", ["benchmark_cbn_layer.py", "benchmark_norms.py"])
+def test_benchmark_default_output_is_not_a_tracked_page(tool):
+    """A benchmark run without --out must not rewrite a page of the repository."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(tool[:-3], os.path.join(REPO, "tools", tool))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = os.path.normpath(module.parse_args([]).out)
+    assert not os.path.isabs(out) and out.split(os.sep)[0] == "output", out
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert out not in tracked  # (empty outside a git checkout)
+
+
+# ---------------------------------------------------------------------------------- about the software only
+#: Words that describe where the project was developed or tested, not the software: none of
+#: them may appear in README.md, docs/, the projects' READMEs or a test's skip message.
+DEVELOPMENT_WORDS = ("shared subset", "other jobs", "80-image", "80 train images", "../shared", "package index",
+                     "64 MiB", "locally patched", "79 val images", "the subset CI has", "larger COCO subset")
+
+
+def _skip_messages() -> Iterator[Tuple[str, int, str]]:
+    """(test file, line, text) of every string literal in tests/*.py that is a skip reason:
+    the ``reason=``/``skip(...)`` arguments and the strings a ``*_missing()``/``skip`` helper returns."""
+    import ast
+
+    for path in sorted(glob.glob(os.path.join(REPO, "tests", "*.py"))):
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+            texts = []
+            if name in ("skip", "skipif", "importorskip", "xfail"):
+                texts += node.args
+            texts += [kw.value for kw in node.keywords if kw.arg == "reason"]
+            for t in texts:
+                for sub in ast.walk(t):
+                    if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                        yield os.path.relpath(path, REPO), sub.lineno, sub.value
+        for node in ast.walk(tree):  # helpers that compute a reason: "return '...'" in *_missing/*skip* functions
+            if isinstance(node, ast.FunctionDef) and ("missing" in node.name or "skip" in node.name
+                                                      or "reason" in node.name):
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                        yield os.path.relpath(path, REPO), sub.lineno, sub.value
+
+
+def development_words_in(text: str) -> List[str]:
+    low = text.lower()
+    return [w for w in DEVELOPMENT_WORDS if w.lower() in low]
+
+
+def test_development_word_checker_finds_planted_words():
+    assert development_words_in("runs on the Shared Subset of COCO") == ["shared subset"]
+    assert development_words_in("load average 7 (from other jobs)") == ["other jobs"]
+    assert development_words_in("the wheels travel, 64 MiB at most") == ["64 MiB"]
+    assert development_words_in("COCO AP of the 24 val images") == []
+
+
+def test_docs_and_skip_messages_describe_the_software_only():
+    problems = []
+    docs = ["README.md"] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md"))) + sorted(
+        glob.glob(os.path.join(REPO, "projects", "*", "README.md")))
+    for path in docs:
+        path = os.path.join(REPO, path)
+        for no, line in enumerate(open(path, encoding="utf-8"), 1):
+            for word in development_words_in(line):
+                problems.append(f"{os.path.relpath(path, REPO)}:{no}: {word!r}")
+    messages = list(_skip_messages())
+    assert any("CUDA" in text or "cuda" in text for _, _, text in messages), "no skip message found: the scan is broken"
+    for path, no, text in messages:
+        for word in development_words_in(text):
+            problems.append(f"{path}:{no} (skip message): {word!r}")
+    assert not problems, "text about the development setup, not the software:\n" + "\n".join(problems)

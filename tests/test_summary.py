@@ -75,11 +75,29 @@ def test_loss_trend_takes_the_first_and_last_finite_logged_loss_and_the_last_wri
             {"iteration": 39, "total_loss": 3.0}, {"iteration": 59, "bbox/AP": 1.0},
             {"iteration": 59, "total_loss": 2.5}, {"iteration": 59, "total_loss": 2.0}]
     assert loss_trend(rows) == (19, 5.0, 59, 2.0)
-    assert loss_trend(rows[:1]) is None
-    assert loss_trend([{"iteration": 5, "total_loss": float("inf")}, {"iteration": 9, "total_loss": 1.0}]) is None
+    assert loss_trend(rows[:1]) == (19, 5.0, 19, 5.0)  # a run of <= 20 iterations logs once
+    assert loss_trend([{"iteration": 3, "bbox/AP": 1.0}]) is None
+    assert loss_trend([{"iteration": 5, "total_loss": float("inf")}, {"iteration": 9, "total_loss": 1.0}]) == (9, 1.0, 9, 1.0)
 
 
 def test_summary_gives_the_loss_trend_in_one_based_iteration_counts():
     text = format_summary({}, [VAL], [TRAIN], 1.0, "o", "c", losses=(19, 4.95, 479, 2.0123))
     assert "Training loss (total_loss as logged): 4.950 after 20 iterations, 2.012 after 480" in text
     assert "Training loss" not in format_summary({}, [VAL], [TRAIN], 1.0, "o", "c")
+    once = format_summary({}, [VAL], [TRAIN], 1.0, "o", "c", losses=(19, 4.95, 19, 4.95))
+    assert "Training loss (total_loss as logged): 4.950 after 20 iterations (logged once)" in once
+
+
+def test_eval_summary_reads_the_results_of_one_or_several_test_sets():
+    from smallbn_d2.utils.summary import eval_summary
+
+    cfg = CfgNode({"OUTPUT_DIR": "out/eval", "MODEL": {"WEIGHTS": "run/model_final.pth"},
+                   "DATASETS": {"TRAIN": (TRAIN,), "TEST": (VAL,)}})
+    text = eval_summary(cfg, {"bbox": {"AP": 1.25, "AP50": 3.0}, "segm": {"AP": 0.5}}, 12.0)  # DefaultTrainer.test
+    assert "Evaluated: run/model_final.pth" in text
+    assert f"Validation ({VAL}): box AP 1.250, mask AP 0.500 (COCO AP, %)" in text
+    assert "Wall time: 12.0 s (evaluation)" in text and "Outputs: out/eval" in text
+    cfg.DATASETS.TEST = (VAL, TRAIN)
+    text = eval_summary(cfg, {VAL: {"bbox": {"AP": 1.0}}, TRAIN: {"bbox": {"AP": 7.0}}}, 1.0)
+    assert f"Validation ({VAL}): box AP 1.000" in text and f"({TRAIN}): box AP 7.000" in text
+    assert "not accuracy" in text.splitlines()[-3]

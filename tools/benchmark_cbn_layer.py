@@ -25,7 +25,8 @@ of a step above the memory at its start (activations, gradients, temporaries; se
 ``smallbn_d2.benchmark.measure``), after 3 warm-up steps; the maximum over 2 measured steps.
 
 The result is printed as a Markdown table and written to the ``benchmark_cbn_layer`` section of
-docs/BENCHMARKS.md (``--no-write`` to skip), with the command and the machine.
+``--out`` (default ``output/benchmarks/BENCHMARKS.md``; ``--out docs/BENCHMARKS.md`` updates the
+repository's page; ``--no-write`` to skip), with the command and the machine.
 
 ``--subsample-accuracy`` instead measures the effect of ``MODEL.CBN.GRAD_SUBSAMPLE`` on CBN's
 window statistics with projects/CBNStatistics/cbn_statistics.py (section
@@ -52,15 +53,20 @@ from smallbn_d2.benchmark.measure import memory_env_active, write_doc_section  #
 from smallbn_d2.benchmark.settings import ACCURACY_SECTION, LAYER_NORMS, LAYER_SECTION  # noqa: E402
 
 
+#: where the result goes unless ``--out`` says otherwise: an output folder, never a tracked page
+DEFAULT_OUT = os.path.join("output", "benchmarks", "BENCHMARKS.md")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line (``--help``); the hidden ``--memory-child ROW`` runs one memory child.
 
     Exits (argparse error) if ``--warmup`` is below ``--window`` - 1."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--norms", nargs="+", default=list(LAYER_NORMS), choices=LAYER_NORMS)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--channels", type=int, default=256)
-    ap.add_argument("--size", type=int, default=14)
+    ap.add_argument("--norms", nargs="+", default=list(LAYER_NORMS), choices=LAYER_NORMS, metavar="NORM",
+                    help=f"rows of the table (default: all of {', '.join(LAYER_NORMS)})")
+    ap.add_argument("--batch", type=int, default=64, help="N of the (N, C, H, W) input (RoIs, default 64)")
+    ap.add_argument("--channels", type=int, default=256, help="C: channels of every conv (default 256)")
+    ap.add_argument("--size", type=int, default=14, help="H = W of the input in pixels (default 14)")
     ap.add_argument("--depth", type=int, default=4, help="blocks in the stack")
     ap.add_argument("--window", type=int, default=4, help="CBN/NaiveCBN window size k")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up steps per norm before the first round (>= k-1)")
@@ -71,16 +77,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="wall: time.perf_counter (the reported default); cpu: CPU seconds of this process "
                          "(time.process_time), less sensitive to other load, best with --threads 1")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    ap.add_argument("--out", default=os.path.join(REPO, "docs", "BENCHMARKS.md"))
-    ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/BENCHMARKS.md")
+    ap.add_argument("--out", default=DEFAULT_OUT,
+                    help="Markdown file whose section of this benchmark is replaced by the result (created if missing; "
+                         f"the rest of the file is kept). Default: {DEFAULT_OUT}, under the working directory; "
+                         "--out docs/BENCHMARKS.md updates the repository's page")
+    ap.add_argument("--no-write", action="store_true", help="print only; write no --out file")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--subsample-accuracy", action="store_true",
                     help="instead of timing: measure the effect of grad_subsample on the statistics "
                          "(runs projects/CBNStatistics/cbn_statistics.py once per s; section "
-                         f"{ACCURACY_SECTION!r} of docs/BENCHMARKS.md)")
+                         f"{ACCURACY_SECTION!r} of --out)")
     ap.add_argument("--subsamples", type=int, nargs="+", default=[1, 2, 4], help="s values (first: the reference run)")
     ap.add_argument("--acc-iters", type=int, default=41, help="SGD iterations of the accuracy run")
-    ap.add_argument("--acc-probe-every", type=int, default=10)
+    ap.add_argument("--acc-probe-every", type=int, default=10, help="probe every this many iterations in the "
+                    "accuracy run (default 10)")
     args = ap.parse_args(argv)
     if args.warmup < args.window - 1:
         ap.error(f"--warmup {args.warmup} is too small; allowed: >= window - 1 = {args.window - 1} (fills CBN's window)")

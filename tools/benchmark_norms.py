@@ -49,8 +49,9 @@ optimizer and state) and steps them in rotating order on the same batches, so th
 BN are paired per step (``--rounds`` > 1 repeats this and pools the steps, for a noisy machine);
 memory needs a fresh subprocess per (setting, norm). The result is printed as
 Markdown tables and written, one section per setting (``benchmark_norms_1x``,
-``benchmark_norms_scratch_3x``: a run of one setting keeps the other's table), to
-docs/BENCHMARKS.md (``--no-write`` to skip) with the command and the machine.
+``benchmark_norms_scratch_3x``: a run of one setting keeps the other's table), to ``--out``
+(default ``output/benchmarks/BENCHMARKS.md``; ``--out docs/BENCHMARKS.md`` updates the
+repository's page; ``--no-write`` to skip) with the command and the machine.
 
 Run from the repository root: ``python tools/benchmark_norms.py`` (see docs/BENCHMARKS.md for
 the expected runtime). The measurement lives in :mod:`smallbn_d2.benchmark` (settings and rows:
@@ -73,12 +74,18 @@ from smallbn_d2.benchmark.runner import run_benchmark  # noqa: E402
 from smallbn_d2.benchmark.settings import NORMS, SETTINGS  # noqa: E402
 
 
+#: where the result goes unless ``--out`` says otherwise: an output folder, never a tracked page
+DEFAULT_OUT = os.path.join("output", "benchmarks", "BENCHMARKS.md")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line (``--help``); the hidden ``--child-*`` options select a child process."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config-file", default=None, help="detector config (default: Mask R-CNN R50-FPN 4conv1fc)")
-    ap.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS)
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    ap.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS, metavar="NORM",
+                    help=f"rows of the tables (default: all of {', '.join(NORMS)}; BN, the reference, is always run)")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS,
+                    help="1x: norm in FPN and heads, FrozenBN backbone; scratch_3x: norm everywhere (default: both)")
     ap.add_argument("--images", type=int, default=2, help="images per training iteration")
     ap.add_argument("--min-size", type=int, default=512, help="shorter image side (train and test)")
     ap.add_argument("--max-size", type=int, default=853, help="longest image side (train and test)")
@@ -89,14 +96,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--infer-images", type=int, default=4, help="val images for the inference timing")
     ap.add_argument("--infer-repeats", type=int, default=3, help="passes over the inference images")
     ap.add_argument("--start-iter", type=int, default=20000, help="trainer iteration of the first step")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: time.perf_counter (the reported default); cpu: CPU seconds of the process")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--no-inference", action="store_true")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--no-inference", action="store_true", help="skip the inference timings")
     ap.add_argument("--no-timing", action="store_true", help="memory subprocesses only")
-    ap.add_argument("--child-timeout", type=float, default=7200)
-    ap.add_argument("--out", default=os.path.join(REPO, "docs", "BENCHMARKS.md"))
-    ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/BENCHMARKS.md")
+    ap.add_argument("--child-timeout", type=float, default=7200,
+                    help="seconds a child process (one norm, one measurement) may run before it is stopped and "
+                         "recorded as failed (default 7200)")
+    ap.add_argument("--out", default=DEFAULT_OUT,
+                    help="Markdown file whose sections of this benchmark are replaced by the result (created if "
+                         f"missing; the rest of the file is kept). Default: {DEFAULT_OUT}, under the working "
+                         "directory; --out docs/BENCHMARKS.md updates the repository's page")
+    ap.add_argument("--no-write", action="store_true", help="print only; write no --out file")
     ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")
     ap.add_argument("--child-setting", help=argparse.SUPPRESS)
     ap.add_argument("--child-norm", help=argparse.SUPPRESS)

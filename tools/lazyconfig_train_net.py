@@ -84,7 +84,7 @@ def main(args):
 
 def cli():
     args = training_argument_parser("train.output_dir", description=__doc__.split("\n\n")[0],
-                                    examples=EXAMPLES).parse_args()
+                                    examples=EXAMPLES, lazy=True).parse_args()
     try:
         if not args.config_file:
             raise ConfigValueError("--config-file is required: a LazyConfig Python file, e.g. "

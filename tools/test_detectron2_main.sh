@@ -16,12 +16,19 @@
 # tools/install_detectron2.py) serves the stub, as for v0.6. VENV defaults to <repository>/.venv
 # (run tools/install.sh first).
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the comment above, as help
+  echo "usage: bash tools/test_detectron2_main.sh TARBALL [PYTEST ARGS...]"
+  echo
+  sed -n '2,/^set -euo pipefail$/p' "${BASH_SOURCE[0]}" | sed '$d' | sed -e 's/^#$//' -e 's/^# //'
+  exit 0
+fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 [[ "$VENV" == /* ]] || VENV="$PWD/$VENV"
 die() { echo "[detectron2-main] error: $*" >&2; exit 2; }
 
 [[ $# -ge 1 ]] || die "usage: bash tools/test_detectron2_main.sh TARBALL [PYTEST ARGS...]"
+[[ "$1" != -* ]] || die "unknown option $1 (the first argument is the TARBALL; --help shows the usage)"
 TARBALL="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")" || die "$1: no such file"
 shift
 [[ -f "$TARBALL" ]] || die "$TARBALL: no such file"

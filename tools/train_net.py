@@ -32,7 +32,27 @@ from smallbn_d2.data import check_datasets_exist, register_coco_sample
 from smallbn_d2.engine import (USER_ERRORS, Trainer, check_output_dir, load_config, setup_cpu,
                                training_argument_parser)
 from smallbn_d2.engine.launch import check_cpu_distributed, check_norm_names, launch
-from smallbn_d2.utils.summary import run_summary
+from smallbn_d2.utils.summary import eval_summary, run_summary
+
+
+EXAMPLES = """
+Examples:
+
+The main job (Mask R-CNN R18-FPN with CBN on the COCO 2017 sample shipped with smallbn_d2):
+    $ python tools/train_net.py --config-file configs/quick/mask_rcnn_R_18_FPN_CBN_small_cpu.yaml
+
+Change some config options (YACS overrides are KEY VALUE pairs):
+    $ python tools/train_net.py --config-file configs/quick/mask_rcnn_R_18_FPN_CBN_small_cpu.yaml \\
+        SOLVER.MAX_ITER 20 MODEL.CBN.WINDOW_SIZE 4 OUTPUT_DIR output/short_run
+
+Evaluate a trained model:
+    $ python tools/train_net.py --config-file configs/quick/mask_rcnn_R_18_FPN_CBN_small_cpu.yaml --eval-only \\
+        MODEL.WEIGHTS output/short_run/model_final.pth OUTPUT_DIR output/short_run_eval
+
+Train a zoo config on 8 GPUs with the real COCO under $DETECTRON2_DATASETS:
+    $ python tools/train_net.py --num-gpus 8 \\
+        --config-file configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_CBN_1x.yaml
+"""
 
 
 def setup(args):
@@ -57,6 +77,7 @@ def main(args):
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
+            print(eval_summary(cfg, res, time.perf_counter() - start), flush=True)
         return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -68,7 +89,8 @@ def main(args):
 
 
 def cli():
-    args = training_argument_parser("OUTPUT_DIR").parse_args()
+    args = training_argument_parser("OUTPUT_DIR", description=__doc__.split("\n\n")[0],
+                                    examples=EXAMPLES).parse_args()
     try:
         register_coco_sample()  # coco_2017_sample_train / _val, before anything is built
         # Checked once, before any process starts or writes to OUTPUT_DIR.

@@ -264,7 +264,8 @@ def subsample_accuracy(args, diagnostic_run: Callable[..., Dict]) -> str:
         "",
         "Relative error ||estimate - truth|| / ||truth|| of the window variance (per channel, over the "
         f"channels), averaged over the probes at iterations {ref['probes']} of a {args.acc_iters}-iteration SGD run of "
-        "the tiny Mask R-CNN (configs/test/tiny-mask_rcnn.yaml) on the COCO training images, 2 images per "
+        "the tiny Mask R-CNN (configs/test/tiny-mask_rcnn.yaml) on the diagnostic's default training set (the "
+        "COCO 2017 sample shipped with smallbn_d2, coco_2017_sample_train, 24 images), 2 images per "
         "iteration, measured by projects/CBNStatistics/cbn_statistics.py with d nu / d theta taken on every "
         "s-th RoI (box head: N >= 4s) or every s-th output row (backbone, FPN). The window mean is unaffected "
         "(d mu / d theta stays exact). 'own-conv bound': the previous batches re-run through the current conv, "

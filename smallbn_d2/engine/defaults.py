@@ -259,7 +259,7 @@ USER_ERRORS = (OutputDirExistsError, ConfigValueError, DatasetsNotFoundError, Da
 
 
 def training_argument_parser(output_dir_key: str = "OUTPUT_DIR", description: str = "",
-                             examples: str = "") -> argparse.ArgumentParser:
+                             examples: str = "", lazy: bool = False) -> argparse.ArgumentParser:
     """Detectron2's ``default_argument_parser`` plus ``--allow-existing-output-dir`` (see
     :func:`check_output_dir`).
 
@@ -269,9 +269,16 @@ def training_argument_parser(output_dir_key: str = "OUTPUT_DIR", description: st
         description: what the tool does, shown first by ``--help``.
         examples: example command lines shown last by ``--help`` (default: Detectron2's, which
             use YACS overrides).
+        lazy: the tool reads LazyConfigs (overrides ``key=value``), not YACS configs (``KEY VALUE``).
     """
     parser = default_argument_parser(epilog=examples or None)
     parser.description = description or None
+    for action in parser._actions:  # the trailing overrides: say which form this tool takes
+        if action.dest == "opts":
+            action.help = ('LazyConfig overrides at the end of the command, "path.key=value" (e.g. train.max_iter=100 '
+                           'smallbn.norms.CBN.window_size=4)' if lazy else
+                           'config overrides at the end of the command, space-separated "KEY VALUE" pairs (e.g. '
+                           'SOLVER.MAX_ITER 100 MODEL.CBN.WINDOW_SIZE 4)')
     parser.add_argument("--allow-existing-output-dir", action="store_true",
                         help=f"start a new run even if {output_dir_key} is not empty (files there may be overwritten)")
     return parser

@@ -17,7 +17,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .run_metrics import read_metrics
 
-__all__ = ["FIT_CHECK_LABEL", "final_results", "format_duration", "format_summary", "loss_trend", "run_summary"]
+__all__ = ["FIT_CHECK_LABEL", "final_results", "format_duration", "format_summary", "loss_trend", "run_summary",
+           "results_by_dataset", "eval_summary"]
 
 FIT_CHECK_LABEL = "fit check on the training images, not accuracy"
 _KEY = re.compile(r"^(?:(?P<dataset>.+)/)?(?P<task>bbox|segm)/(?P<metric>AP|AP50|AP75|APs|APm|APl)$")
@@ -55,8 +56,9 @@ def final_results(rows: Sequence[Mapping], test_sets: Sequence[str]) -> Dict[str
 def loss_trend(rows: Sequence[Mapping]) -> Optional[Tuple[int, float, int, float]]:
     """``(first_iteration, first_loss, last_iteration, last_loss)``: the first and the last finite
     ``total_loss`` in metrics.json rows (Detectron2 writes, every 20 iterations by default, the
-    median over the last 20 iterations; iterations 0-based as written); None when fewer than two
-    rows have one. A resumed run's repeated iteration counts: the row written last wins.
+    median over the last 20 iterations; iterations 0-based as written). With one such row (a run
+    of at most 20 iterations) first and last are that row; None when no row has one. A resumed
+    run's repeated iteration counts: the row written last wins.
 
     Args:
         rows: metrics.json rows (:func:`smallbn_d2.utils.run_metrics.read_metrics`).
@@ -66,7 +68,7 @@ def loss_trend(rows: Sequence[Mapping]) -> Optional[Tuple[int, float, int, float
         value = row.get("total_loss")
         if isinstance(value, (int, float)) and math.isfinite(value) and "iteration" in row:
             by_iter[int(row["iteration"])] = float(value)
-    if len(by_iter) < 2:
+    if not by_iter:
         return None
     first, last = min(by_iter), max(by_iter)
     return first, by_iter[first], last, by_iter[last]
@@ -116,8 +118,12 @@ def format_summary(results: Mapping[str, Mapping[str, Mapping[str, float]]], tes
         lines.append(f"{label} ({name}): {', '.join(aps) or 'no box or mask AP'} (COCO AP, %)")
     if losses is not None:
         first_it, first, last_it, last = losses
-        lines.append(f"Training loss (total_loss as logged): {first:.3f} after {first_it + 1} iterations, "
-                     f"{last:.3f} after {last_it + 1}")
+        if first_it == last_it:  # logged once
+            lines.append(f"Training loss (total_loss as logged): {first:.3f} after {first_it + 1} iterations "
+                         "(logged once)")
+        else:
+            lines.append(f"Training loss (total_loss as logged): {first:.3f} after {first_it + 1} iterations, "
+                         f"{last:.3f} after {last_it + 1}")
     lines.append(f"Wall time: {format_duration(wall_s)} (training and evaluation)")
     lines.append(f"Outputs: {output_dir} (log.txt, metrics.json, config.yaml, model_final.pth, inference/)")
     lines.append(f"Compare with other runs: {compare_command}")
@@ -145,3 +151,39 @@ def run_summary(cfg, wall_s: float, python: str, compare_tool: str) -> str:
     command += " OTHER_OUTPUT_DIR ..."
     return format_summary(final_results(rows, test_sets), test_sets, train_sets, wall_s, cfg.OUTPUT_DIR, command,
                           losses=loss_trend(rows))
+
+
+def results_by_dataset(results: Mapping, test_sets: Sequence[str]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """What ``DefaultTrainer.test`` returns, as dataset -> task -> metric -> value.
+
+    Detectron2 returns ``{task: {metric: value}}`` for one test set and ``{dataset: {task:
+    {metric: value}}}`` for several; values that are not numbers are left out.
+    """
+    def tasks(res: Mapping) -> Dict[str, Dict[str, float]]:
+        return {task: {m: float(v) for m, v in metrics.items() if isinstance(v, (int, float))}
+                for task, metrics in res.items() if isinstance(metrics, Mapping)}
+
+    if len(test_sets) == 1 and test_sets[0] not in results:
+        return {test_sets[0]: tasks(results)}
+    return {name: tasks(results[name]) for name in test_sets if isinstance(results.get(name), Mapping)}
+
+
+def eval_summary(cfg, results: Mapping, wall_s: float) -> str:
+    """The summary of an ``--eval-only`` run: the model evaluated (``MODEL.WEIGHTS``), box and mask
+    AP of every test set (:func:`format_summary`'s lines; a test set that is also a training set
+    is labelled a fit check), the wall time and where the outputs are.
+
+    Args:
+        cfg: the run's config (``MODEL.WEIGHTS``, ``OUTPUT_DIR``, ``DATASETS.TRAIN``/``TEST``).
+        results: what ``Trainer.test`` returned (:func:`results_by_dataset`).
+        wall_s: wall time in seconds.
+    """
+    test_sets, train_sets = list(cfg.DATASETS.TEST), list(cfg.DATASETS.TRAIN)
+    text = format_summary(results_by_dataset(results or {}, test_sets), test_sets, train_sets, wall_s,
+                          cfg.OUTPUT_DIR, "")
+    lines = [line for line in text.splitlines() if not line.startswith(("Outputs:", "Compare with"))]
+    lines.insert(2, f"Evaluated: {cfg.MODEL.WEIGHTS or '(no weights: the initialization)'}")
+    lines = [line.replace("no results in metrics.json", "no results").replace("(training and evaluation)",
+                                                                             "(evaluation)") for line in lines]
+    lines.append(f"Outputs: {cfg.OUTPUT_DIR} (log.txt, config.yaml, inference/)")
+    return "\n".join(lines)
