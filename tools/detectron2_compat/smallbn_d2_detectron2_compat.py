@@ -212,6 +212,8 @@ class _FixAfterExec:
         self.fix(module)
 
     def __getattr__(self, name):  # get_source, get_filename, is_package, ...
+        if name in ("loader", "fix"):  # not set yet (e.g. a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
 
