@@ -158,17 +158,19 @@ def test_every_rule_of_get_default_optimizer_params_and_shared_parameters(norm):
     if "lr_factor_func" in kwargs:
         assert groups[norm]["backbone.fpn_lateral2.norm.weight"]["lr"] == 0.05
 
-    def shared(n):  # a module listed before the norm holds the norm's gamma too
+    def shared(n):  # a module listed before the first norm holds that norm's gamma too
         torch.manual_seed(0)
-        layer = NORM_FAMILIES[n].layer_class(4) if n in NORM_FAMILIES else nn.BatchNorm2d(4)
+        layers = [NORM_FAMILIES[n].layer_class(4) if n in NORM_FAMILIES else nn.BatchNorm2d(4) for _ in range(2)]
         first = nn.Module()
-        first.gamma = layer.weight
-        return nn.Sequential(first, nn.Conv2d(3, 4, 1, bias=False), layer)
+        first.gamma = layers[0].weight
+        return nn.Sequential(first, nn.Conv2d(3, 4, 1, bias=False), layers[0], nn.Conv2d(4, 4, 1, bias=False),
+                             layers[1])
 
     a, b = shared(norm), shared("BN")
-    got = [{k: v for k, v in g.items() if k != "params"} for g in d2_params(a, **copy.deepcopy(kwargs))]
-    want = [{k: v for k, v in g.items() if k != "params"} for g in d2_params(b, **copy.deepcopy(kwargs))]
-    assert got == want
+    for wrap in (lambda m: m, nn.DataParallel):  # a wrapper (as DDP) adds "module." to every name
+        got = [{k: v for k, v in g.items() if k != "params"} for g in d2_params(wrap(a), **copy.deepcopy(kwargs))]
+        want = [{k: v for k, v in g.items() if k != "params"} for g in d2_params(wrap(b), **copy.deepcopy(kwargs))]
+        assert got == want and len(got) == 3  # conv weights and the shared gamma; the other gamma; betas
 
 
 def test_installed_function_keeps_detectron2_identity():
@@ -202,8 +204,25 @@ def _stage_keys(model, prefixes=("backbone.bottom_up.stem.", "backbone.bottom_up
 @pytest.mark.parametrize("flow", ["yaml", "lazy"])
 @pytest.mark.parametrize("norm", FAMILIES)
 def test_frozen_stages_hold_frozen_bn_like_bn(norm, flow):
+    import logging
+
     build = (lambda n: _build(_cfg(n, freeze_at=2))) if flow == "yaml" else (lambda n: _build_lazy(_lazy_cfg(n, 2)))
-    bn, ours = build("BN"), build(norm)
+    bn = build("BN")
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("smallbn_d2.modeling.wiring")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        ours = build(norm)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    said = [r.getMessage() for r in records if "frozen stages" in r.getMessage()]
+    assert len(said) == 1 and "FrozenBatchNorm2d" in said[0], said
+    assert (flow == "yaml") == ("FREEZE_AT = 2" in said[0])
     places = _frozen_places(bn)
     assert places and all(p.startswith(("backbone.bottom_up.stem.", "backbone.bottom_up.res2.")) for p in places)
     assert _frozen_places(ours) == places
