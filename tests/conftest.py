@@ -43,14 +43,13 @@ def builtin_coco_missing():
     if not missing:
         return None
     return (f"needs the COCO 2017 files of coco_2017_train/coco_2017_val under $DETECTRON2_DATASETS "
-            f"(now {root!r}; the shared subset {SHARED_DATASETS!r} is used when it exists); missing: "
-            f"{', '.join(missing)}")
+            f"(now {root!r}); missing: {', '.join(missing)}")
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "coco_subset: needs Detectron2's builtin coco_2017_train/val files under $DETECTRON2_DATASETS "
-                   "(the shared COCO subset; skipped with the reason when missing)")
+                   "(real COCO 2017 files; skipped with the reason when missing)")
     expected = os.environ.get("SMALLBN_D2_EXPECT_DETECTRON2")
     if expected:
         import detectron2

@@ -1,7 +1,7 @@
 """Datasets: the COCO 2017 sample shipped with the package, and clear errors for missing data.
 
 * :func:`register_coco_sample` registers ``coco_2017_sample_train`` / ``coco_2017_sample_val``
-  (not done on import: ``tools/train_net.py`` and the trainer call it);
+  (not done on import: the tools call it; code of your own calls it before building a data loader);
 * Detectron2's builtin names (``coco_2017_train``, ...) resolve under ``$DETECTRON2_DATASETS``;
   :func:`check_datasets_exist` says which file is missing and where it was looked for.
 """
