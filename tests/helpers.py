@@ -3,8 +3,8 @@
 The data of the tiny configs is the COCO 2017 sample shipped with the package
 (``coco_2017_sample_train`` / ``coco_2017_sample_val``: 24 + 24 real images, <= 320 px, registered
 by tests/conftest.py), so that the suite runs on a clone without any other data. The YAML files
-of configs/test keep Detectron2's builtin names (``coco_2017_train`` / ``coco_2017_val``, for the
-projects/ diagnostics that default to them): :func:`tiny_cfg` replaces them with the sample
+of configs/test keep Detectron2's builtin names (``coco_2017_train`` / ``coco_2017_val``):
+:func:`tiny_cfg` replaces them with the sample
 (:data:`SAMPLE_OPTS`), and tests that pass a tiny YAML file to a tool add :data:`SAMPLE_ARGS`."""
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The estimator and statistics functions are checked against independent references (a direct
 recompute of the conv, torch autograd through BatchNorm and through MABN's normalization);
 the scripts themselves run end to end with tiny settings on the COCO 2017 sample shipped with the
-package (registered by tests/conftest.py; the scripts' default data are Detectron2's builtin names).
+package, the scripts' default training set.
 """
 import importlib.util
 import json
@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import smallbn_d2  # noqa: F401  (compat fixes, dataset root)
-from helpers import SAMPLE_ARGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,8 +129,25 @@ def test_mabn_batch_statistics_against_autograd():
 
 
 # ------------------------------------------------------------------------------ end to end
-# keep the end-to-end runs cheap; on the shipped sample
-SMALL_RUN = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", *SAMPLE_ARGS]
+# keep the end-to-end runs cheap; on the shipped sample, the scripts' default data
+SMALL_RUN = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96"]
+
+
+def test_diagnostics_train_on_the_shipped_sample_unless_told_otherwise():
+    """On a clone the only data is the shipped sample: the scripts' default; --dataset names
+    another registered set (e.g. Detectron2's coco_2017_train), an unknown one is refused."""
+    from smallbn_d2.data import DatasetNotRegisteredError
+    from smallbn_d2.utils.diagnostics import build_bn_config
+
+    for module in (cbn_stats, mabn_stats):
+        assert module.parse_args([]).dataset == "coco_2017_sample_train"
+        assert module.parse_args(["--dataset", "coco_2017_train"]).dataset == "coco_2017_train"
+    cfg = build_bn_config(cbn_stats.DEFAULT_CONFIG, 3)
+    assert cfg.DATASETS.TRAIN == ("coco_2017_sample_train",)
+    other = build_bn_config(cbn_stats.DEFAULT_CONFIG, 3, dataset="coco_2017_sample_val")
+    assert other.DATASETS.TRAIN == ("coco_2017_sample_val",)
+    with pytest.raises(DatasetNotRegisteredError, match="'coco_2017_smaple_train' is not registered"):
+        build_bn_config(cbn_stats.DEFAULT_CONFIG, 3, dataset="coco_2017_smaple_train")
 
 
 def _finite_nonneg(values):

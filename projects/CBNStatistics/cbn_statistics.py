@@ -4,10 +4,10 @@
 A diagnostic in the spirit of Figures 3 and 6 of Yao et al., "Cross-Iteration Batch
 Normalization", CVPR 2021 (METHODS.md, "CBN", items 1-3 and 8). It trains a small Detectron2
 detector (default: the tiny Mask R-CNN R18-FPN of ``configs/test``, BN in backbone, FPN and
-heads) with SGD on the shared COCO subset, 2 images per iteration, and at *probe iterations* t
-compares, for chosen conv layers and window sizes k = 1..K, four estimates of the statistics of
-the conv output x (the input of the norm) over the window of iterations t-k+1..t with the
-*current* weights theta_t:
+heads) with SGD on the COCO 2017 sample shipped with smallbn_d2 (24 images; ``--dataset`` names
+another), 2 images per iteration, and at *probe iterations* t compares, for chosen conv layers
+and window sizes k = 1..K, four estimates of the statistics of the conv output x (the input of
+the norm) over the window of iterations t-k+1..t with the *current* weights theta_t:
 
 * ``BN``: the current batch only: mu_t, sigma_t^2.
 * ``Naive``: Naive CBN (item 8): the stored statistics of the k-1 previous batches, computed
@@ -58,6 +58,7 @@ from torch import nn
 
 from smallbn_d2.layers.cbn_grad import check_supported_conv, stat_grads_closed_form
 from smallbn_d2.utils.diagnostics import (
+    DEFAULT_DATASET,
     add_common_options,
     check_finite_loss,
     diagnostic_parser,
@@ -224,7 +225,7 @@ def resolve_convs(model: nn.Module, names: Sequence[str]) -> List[ConvRecorder]:
 
 def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYERS, iters: int = 60,
         probe_every: int = 10, max_window: int = 8, lr: Optional[float] = 0.02, seed: int = 0,
-        opts: Sequence[str] = (), grad_subsample: int = 1) -> Dict:
+        opts: Sequence[str] = (), grad_subsample: int = 1, dataset: str = DEFAULT_DATASET) -> Dict:
     """Train and probe (see the module docstring).
 
     Args:
@@ -238,6 +239,7 @@ def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYER
             steps (those below ``iters``) apply.
         seed: torch/numpy seed and data order seed.
         opts: further ``KEY VALUE`` config overrides.
+        dataset: the training set (``DATASETS.TRAIN``; default the shipped COCO sample).
         grad_subsample: s of CBN's d nu / d theta (1: exact; see :func:`conv_stats`).
     Returns:
         dict with ``config``, ``layers``, ``probes`` (iteration numbers), ``losses`` (total loss
@@ -260,7 +262,7 @@ def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYER
         raise ValueError(f"no probe iteration: probe_every = {probe_every} and max_window = {max_window} leave none "
                          f"below iters = {iters}; allowed: probe_every < iters and iters > max_window")
 
-    cfg, model, optimizer, scheduler = setup_training(config_file, iters, lr, seed, opts)
+    cfg, model, optimizer, scheduler = setup_training(config_file, iters, lr, seed, opts, dataset)
     recorders = resolve_convs(model, layers)
     data = iter(train_loader(cfg, cfg.SOLVER.IMS_PER_BATCH, seed))
 
@@ -425,7 +427,7 @@ def main(argv=None) -> Dict:
     """
     args = parse_args(argv)
     result = run_and_write(args, lambda a: run(a.config_file, a.layers, a.iters, a.probe_every, a.max_window, a.lr,
-                                               a.seed, a.opts),
+                                               a.seed, a.opts, dataset=a.dataset),
                            write_outputs, os.path.relpath(__file__, REPO), argv)
     print(f"\nprobes at iterations {result['probes']}; {result['seconds']:.0f} s; outputs in {args.output_dir}")
     return result

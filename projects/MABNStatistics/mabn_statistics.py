@@ -4,8 +4,9 @@
 A diagnostic in the spirit of Figures 2-4 of Yan et al., "Towards Stabilizing Batch Statistics
 in Backward Propagation of Batch Normalization" (MABN), ICLR 2020 (METHODS.md, "MABN", items 1,
 3 and 4). It trains a small Detectron2 detector with plain BN (default: the tiny Mask R-CNN
-R18-FPN of ``configs/test``, BN in backbone, FPN and heads) with SGD on the shared COCO subset,
-2 images per iteration, and records, for chosen BN layers, at every iteration and per channel:
+R18-FPN of ``configs/test``, BN in backbone, FPN and heads) with SGD on the COCO 2017 sample
+shipped with smallbn_d2 (24 images; ``--dataset`` names another), 2 images per iteration, and
+records, for chosen BN layers, at every iteration and per channel:
 
 * forward: mu = E[x], sigma^2 = Var[x] (BN's statistics) and chi^2 = E[x^2] (MABN's);
 * backward, with g_hat = dL/dy_hat = gamma * dL/dy (the gradient reaching the normalized
@@ -50,6 +51,7 @@ import torch
 from torch import nn
 
 from smallbn_d2.utils.diagnostics import (
+    DEFAULT_DATASET,
     add_common_options,
     check_finite_loss,
     diagnostic_parser,
@@ -179,7 +181,7 @@ def resolve_norms(model: nn.Module, names: Sequence[str]) -> List[NormRecorder]:
 
 def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYERS, iters: int = 60,
         buffer_size: int = 16, probe_every: int = 5, large_batch: int = 16, lr: Optional[float] = 0.02,
-        seed: int = 0, opts: Sequence[str] = ()) -> Dict:
+        seed: int = 0, opts: Sequence[str] = (), dataset: str = DEFAULT_DATASET) -> Dict:
     """Train with the small batch, record, and compare with large batches (module docstring).
 
     Args:
@@ -195,6 +197,7 @@ def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYER
             steps (those below ``iters``) apply.
         seed: seed of torch/numpy and of the data order.
         opts: further ``KEY VALUE`` config overrides.
+        dataset: the training set (``DATASETS.TRAIN``; default the shipped COCO sample).
     Returns:
         dict with ``layers``, ``iterations`` (0..iters-1), ``small`` and ``sma``
         (``[layer][stat]`` = list over iterations of ||s||_2; SMA None before m iterations),
@@ -216,7 +219,7 @@ def run(config_file: str = DEFAULT_CONFIG, layers: Sequence[str] = DEFAULT_LAYER
     if not probes:
         raise ValueError(f"iters = {iters!r} is invalid; allowed: an integer >= buffer_size ({buffer_size})")
 
-    cfg, model, optimizer, scheduler = setup_training(config_file, iters, lr, seed, opts)
+    cfg, model, optimizer, scheduler = setup_training(config_file, iters, lr, seed, opts, dataset)
     small = cfg.SOLVER.IMS_PER_BATCH
     if not isinstance(large_batch, int) or large_batch <= small:
         raise ValueError(f"large_batch = {large_batch!r} is invalid; allowed: an integer > SOLVER.IMS_PER_BATCH ({small})")
@@ -392,7 +395,7 @@ def main(argv=None) -> Dict:
     """
     args = parse_args(argv)
     result = run_and_write(args, lambda a: run(a.config_file, a.layers, a.iters, a.buffer_size, a.probe_every,
-                                               a.large_batch, a.lr, a.seed, a.opts),
+                                               a.large_batch, a.lr, a.seed, a.opts, dataset=a.dataset),
                            write_outputs, os.path.relpath(__file__, REPO), argv)
     print(f"\nlarge batches at iterations {result['probes']}; {result['seconds']:.0f} s; outputs in {args.output_dir}")
     return result

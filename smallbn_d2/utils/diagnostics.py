@@ -5,9 +5,13 @@ record per-channel statistics of chosen layers at every iteration, and compare e
 reference at *probe iterations*. This module holds the parts that do not depend on the method:
 the BN config and the seeded training loader, the model/optimizer/scheduler set-up, buffer
 snapshots (so that a probe leaves BN's running statistics as they were), the relative error,
-progress logging, the command line common to both scripts (``--config-file``, ``--layers``,
-``--iters``, ``--lr``, ``--seed``, ``--output-dir``, ``--overwrite``, ``KEY VALUE`` overrides)
-and the run-and-write entry point with the output-directory guard.
+progress logging, the command line common to both scripts (``--config-file``, ``--dataset``,
+``--layers``, ``--iters``, ``--lr``, ``--seed``, ``--output-dir``, ``--overwrite``, ``KEY VALUE``
+overrides) and the run-and-write entry point with the output-directory guard.
+
+Data: by default the COCO 2017 sample shipped with smallbn_d2 (``coco_2017_sample_train``, 24
+images, registered here), so that the scripts run on a clone; ``--dataset coco_2017_train`` (or
+any registered name) trains on Detectron2's builtin COCO under ``$DETECTRON2_DATASETS``.
 """
 from __future__ import annotations
 
@@ -24,33 +28,41 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["build_bn_config", "train_loader", "setup_training", "preserved_buffers",
+__all__ = ["DEFAULT_DATASET", "build_bn_config", "train_loader", "setup_training", "preserved_buffers",
            "relative_error", "check_finite_loss", "log_progress", "layer_names", "diagnostic_parser",
            "add_common_options", "check_output_dir", "pyplot", "save_outputs", "run_and_write"]
 
-#: config keys set to "BN": the model trains with plain BN in backbone, FPN and heads
+#: The training set of the diagnostics unless ``--dataset`` names another: the shipped COCO sample.
+DEFAULT_DATASET = "coco_2017_sample_train"
 
 
 # ---------------------------------------------------------------------------------- training
-def build_bn_config(config_file: str, iters: int, lr: Optional[float] = None, opts: Sequence[str] = ()):
+def build_bn_config(config_file: str, iters: int, lr: Optional[float] = None, opts: Sequence[str] = (),
+                    dataset: str = DEFAULT_DATASET):
     """The detector config: ``config_file`` with BN in every norm key (``smallbn_d2.config.norm_keys``:
-    backbone, FPN, heads), then ``opts``.
+    backbone, FPN, heads), ``DATASETS.TRAIN`` = ``(dataset,)``, then ``opts``.
 
     ``SOLVER.MAX_ITER`` becomes ``iters`` (the LR schedule's steps from the file are kept if they
     fall inside, dropped otherwise), ``SOLVER.BASE_LR`` becomes ``lr`` unless None; data loading
-    in the main process (``NUM_WORKERS 0``).
+    in the main process (``NUM_WORKERS 0``). The shipped COCO sample is registered first.
 
     Raises:
-        FileNotFoundError, KeyError, ConfigValueError: from ``smallbn_d2.engine.load_config``.
+        FileNotFoundError, ConfigKeyError, ConfigValueError: from ``smallbn_d2.engine.load_config``.
+        DatasetNotRegisteredError, DatasetsNotFoundError: the training set is not registered, or
+            its files are missing (:func:`smallbn_d2.data.check_datasets_exist`).
     """
     from ..config import norm_keys
+    from ..data import check_datasets_exist, register_coco_sample
     from ..engine import load_config
 
+    register_coco_sample()
     overrides = []
     for key, value in norm_keys(load_config(config_file)).items():
         if key.startswith("MODEL."):
             overrides += [key, "BN"]
-    cfg = load_config(config_file, overrides + ["DATALOADER.NUM_WORKERS", 0] + list(opts))
+    overrides += ["DATASETS.TRAIN", (dataset,), "DATALOADER.NUM_WORKERS", 0]
+    cfg = load_config(config_file, overrides + list(opts))
+    check_datasets_exist(cfg.DATASETS.TRAIN)
     cfg.SOLVER.MAX_ITER = iters
     if lr is not None:
         cfg.SOLVER.BASE_LR = float(lr)
@@ -69,9 +81,11 @@ def train_loader(cfg, batch_size: int, seed: int):
                                         total_batch_size=batch_size, num_workers=0)
 
 
-def setup_training(config_file: str, iters: int, lr: Optional[float], seed: int, opts: Sequence[str] = ()):
-    """Seed everything, build the BN config (:func:`build_bn_config`), the model in training mode,
-    Detectron2's SGD optimizer and LR scheduler (warm-up and steps of the config).
+def setup_training(config_file: str, iters: int, lr: Optional[float], seed: int, opts: Sequence[str] = (),
+                   dataset: str = DEFAULT_DATASET):
+    """Seed everything, build the BN config (:func:`build_bn_config`, training on ``dataset``), the
+    model in training mode, Detectron2's SGD optimizer and LR scheduler (warm-up and steps of the
+    config).
 
     Returns:
         ``(cfg, model, optimizer, scheduler)``.
@@ -86,7 +100,7 @@ def setup_training(config_file: str, iters: int, lr: Optional[float], seed: int,
     seed_all_rng(seed)
     if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr = {lr!r} is invalid; allowed: None (the config's SOLVER.BASE_LR) or a number > 0")
-    cfg = build_bn_config(config_file, iters, lr, opts)
+    cfg = build_bn_config(config_file, iters, lr, opts, dataset)
     model = build_model(cfg)
     model.train()
     optimizer = build_optimizer(cfg, model)
@@ -146,6 +160,10 @@ def diagnostic_parser(description: str, default_config: str, default_layers: Seq
     options and then :func:`add_common_options`."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config-file", default=default_config, help="detector config (BN is set in backbone, FPN, heads)")
+    p.add_argument("--dataset", default=DEFAULT_DATASET,
+                   help="training set (DATASETS.TRAIN): the COCO 2017 sample shipped with smallbn_d2 (24 images), "
+                        "or a registered name such as coco_2017_train (Detectron2's builtin COCO under "
+                        "$DETECTRON2_DATASETS)")
     p.add_argument("--layers", type=layer_names, default=list(default_layers), help=layers_help)
     p.add_argument("--iters", type=int, default=60, help="training iterations")
     return p
@@ -155,8 +173,8 @@ def add_common_options(p: argparse.ArgumentParser, default_output_dir: str) -> N
     """``--lr``, ``--seed``, ``--output-dir``, ``--overwrite`` and the ``KEY VALUE`` overrides."""
     p.add_argument("--lr", type=float, default=0.02, help="SGD base learning rate (overrides SOLVER.BASE_LR; "
                    "0.02 as in configs/quick)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", default=default_output_dir)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and the augmentations")
+    p.add_argument("--output-dir", default=default_output_dir, help="folder for the tables, plots and JSON")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output-dir, replacing "
                    "this script's outputs there")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
