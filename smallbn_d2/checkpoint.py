@@ -36,12 +36,17 @@ Two things Detectron2's ``DetectionCheckpointer`` does not do for the cross-iter
 
 :func:`convert_norm_state_dict` does both on a state dict; :class:`NormCheckpointer` is
 ``DetectionCheckpointer`` applying it on every load (used by :class:`smallbn_d2.engine.Trainer`
-and ``tools/train_net.py``). Saving is Detectron2's, unchanged.
+and ``tools/train_net.py``). Saving is Detectron2's, made atomic, with the files' mode set by
+the user's umask (as a plain ``open`` gives).
 
 3. **Converted checkpoints** (inference models, :mod:`smallbn_d2.deploy`):
    :func:`save_inference_checkpoint` writes one with its conversion metadata and no
    ``last_checkpoint``; :func:`load_checkpoint_strict` loads any checkpoint and raises
-   :class:`IncompatibleCheckpointError` on missing, unexpected or mis-shaped keys.
+   :class:`IncompatibleCheckpointError` on missing, unexpected or mis-shaped keys, except the
+   training-only cross-iteration state that ``model_final.pth`` leaves out
+   (:func:`fill_absent_training_state`). :class:`NormCheckpointer` loads a converted checkpoint
+   strictly too, and a folded one only into the FrozenBN model of its config, which it folds
+   first: a folded checkpoint is never loaded into an unfolded model.
 """
 from __future__ import annotations
 
@@ -63,7 +68,7 @@ from .layers import IterationNormBase
 from .pretrained import check_loaded_weight_centralization
 
 __all__ = ["NormStateShapeError", "convert_norm_state_dict", "NormCheckpointer", "AtomicPathManager",
-           "IncompatibleCheckpointError",
+           "IncompatibleCheckpointError", "fill_absent_training_state",
            "save_inference_checkpoint", "load_checkpoint_strict", "read_conversion_metadata", "METADATA_KEY"]
 
 logger = logging.getLogger(__name__)
@@ -203,13 +208,69 @@ class NormCheckpointer(DetectionCheckpointer):
       moving-average buffers: ``cross_iteration_state_keys``), which inference and fine-tuning do
       not need (loading it starts them afresh); periodic checkpoints keep it for exact resume.
 
+    Loading differs from Detectron2's in three more ways:
+
+    * **Resuming a finished run** (``resume_or_load(..., resume=True)`` when ``last_checkpoint``
+      names ``<prefix>_final.pth``): if the periodic checkpoint ``<prefix>_<iteration:07d>.pth``
+      of the same iteration is there (written in the same step, so the same weights, optimizer
+      and schedule), the run resumes from it, with the cross-iteration state; otherwise from
+      ``model_final.pth`` with a warning that every CBN window and MABN moving average restarts
+      empty if training continues.
+    * **Converted checkpoints** (written by :func:`save_inference_checkpoint`, e.g. by
+      ``tools/convert_for_inference.py``) load strictly: a missing, unexpected or mis-shaped key
+      raises :class:`IncompatibleCheckpointError` with a one-line message that says how to load it
+      (Detectron2 would only log warnings and evaluate a mis-loaded model).
+    * **Folded checkpoints** (``--fold``) load into the FrozenBN model of their config (the
+      ``.yaml`` the conversion writes; the model holds no CBN/MABN/BN layer): when the
+      checkpointer has no checkpointables (evaluation), it first folds the model's
+      ``FrozenBatchNorm2d`` layers into their convs (:func:`smallbn_d2.deploy.fold_frozen_bn`,
+      in place), so that the structures match, then loads strictly. Into any other model a folded
+      checkpoint is refused.
+
     Raises (from ``load``/``resume_or_load``):
         NormStateShapeError: as :func:`convert_norm_state_dict`.
+        IncompatibleCheckpointError: a converted checkpoint that does not match the model (the
+            model may be partly loaded when it is raised).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.path_manager = AtomicPathManager(self.path_manager)
+        self._loading = ""  # path of the load in progress, for messages
+        self._resuming = False
+
+    def load(self, path: str, *args, **kwargs):
+        """Detectron2's ``load`` (see the class docstring for what loading adds)."""
+        self._loading = path
+        return super().load(path, *args, **kwargs)
+
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        """Detectron2's ``resume_or_load``; resuming from ``<prefix>_final.pth`` takes the periodic
+        checkpoint of the same iteration instead when there is one (class docstring)."""
+        if not (resume and self.has_checkpoint()):
+            return self.load(path, checkpointables=[])
+        last = self.get_checkpoint_file()
+        path = self._full_state_twin(last) or last
+        self._resuming = True
+        try:
+            return self.load(path)
+        finally:
+            self._resuming = False
+
+    def _full_state_twin(self, final: str) -> Optional[str]:
+        """The periodic checkpoint written in the same step as ``final`` (a ``*_final.pth``), or None."""
+        name = os.path.basename(final)
+        if not name.endswith("_final.pth"):
+            return None
+        iteration = _peek(final).get("iteration")
+        if not isinstance(iteration, int):
+            return None
+        twin = os.path.join(os.path.dirname(final), f"{name[:-len('_final.pth')]}_{iteration:07d}.pth")
+        if not os.path.isfile(twin) or _peek(twin).get("iteration") != iteration:
+            return None
+        self.logger.info(f"Resuming from {twin}: the checkpoint of iteration {iteration}, written in the same step as "
+                         f"{name} but with the norms' cross-iteration state (CBN windows, MABN moving averages)")
+        return twin
 
     def save(self, name: str, **kwargs) -> None:
         """Detectron2's ``save`` (atomic); ``*_final`` without cross-iteration state."""
@@ -231,17 +292,96 @@ class NormCheckpointer(DetectionCheckpointer):
             checkpoint["matching_heuristics"] = False
         if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
             consume_prefix_in_state_dict_if_present(state, "module.")
+        converted = checkpoint.get(METADATA_KEY) if isinstance(checkpoint.get(METADATA_KEY), dict) else None
+        if converted is not None and converted.get("fold") and not self.checkpointables:
+            self._fold_for(converted)
         state, notes = convert_norm_state_dict(state, self.model)
         for line in notes:
-            self.logger.info(f"Loading across norms: {line}")
+            if self._resuming and "cross-iteration state absent" in line:
+                self.logger.warning(
+                    f"Resuming from {self._loading}, which holds no cross-iteration state (a *_final.pth checkpoint "
+                    f"leaves it out) and no periodic checkpoint of the same iteration is in its folder ({line}): "
+                    "if training continues, every CBN window and MABN moving average restarts empty. For an exact "
+                    "resume, let the checkpoint period divide the number of iterations (SOLVER.CHECKPOINT_PERIOD and "
+                    "SOLVER.MAX_ITER; train.checkpointer.period and train.max_iter in a LazyConfig).")
+            else:
+                self.logger.info(f"Loading across norms: {line}")
         checkpoint["model"] = state
         incompatible = super()._load_model(checkpoint)
+        if converted is not None:
+            self._check_converted(incompatible, converted)
         # MABN centralizes its convs' weights: say so if loaded weights were not trained that way
         check_loaded_weight_centralization(self.model, loaded_keys=state.keys())
         return incompatible
 
+    def _inference_structure(self) -> bool:
+        """True if the model has no layer that conversion would replace (CBN, MABN, BN)."""
+        from .deploy.convert import _SOURCES  # deploy imports this module
+
+        from detectron2.layers import FrozenBatchNorm2d
+
+        return not any(isinstance(m, _SOURCES) and not isinstance(m, FrozenBatchNorm2d) for m in self.model.modules())
+
+    def _fold_for(self, converted: Dict) -> None:
+        """Give the (FrozenBN) model the folded structure of a folded checkpoint."""
+        from .deploy.convert import fold_frozen_bn
+
+        if not self._inference_structure():
+            return  # a training model: the strict check refuses the folded checkpoint
+        folded = [r for r in fold_frozen_bn(self.model) if r.action.startswith("folded")]
+        if folded:
+            self.logger.info(f"{self._loading} is folded (tools/convert_for_inference.py --fold): {len(folded)} "
+                             "FrozenBatchNorm2d layers of the model folded into their convs before loading")
+
+    def _check_converted(self, incompatible, converted: Dict) -> None:
+        """Raise :class:`IncompatibleCheckpointError` if a converted checkpoint did not match exactly."""
+        keys = _incompatible_keys(incompatible)
+        if not any(keys.values()):
+            return
+        path = self._loading
+        kind = "folded (--fold)" if converted.get("fold") else "unfolded"
+        config = os.path.splitext(path)[0] + ".yaml"
+        where = (f"tools/train_net.py --eval-only --config-file {config}" if os.path.isfile(config)
+                 else "tools/train_net.py --eval-only with the .yaml written next to it")
+        raise IncompatibleCheckpointError(
+            f"{path!r} is a checkpoint converted for inference, {kind}, by tools/convert_for_inference.py, and does "
+            f"not match this model ({_show_keys(keys)}): evaluate it with {where}, or load it with "
+            f"smallbn_d2.deploy.load_inference_model(training cfg, {path!r}).")
+
 
 # ------------------------------------------------------------------------------ saving
+def _current_umask() -> int:
+    try:
+        with open("/proc/self/status") as f:  # Linux >= 4.7: read without changing it
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The permission bits ``open(path, "w")`` gives a new file: ``0o666`` minus the process's umask
+    (e.g. ``0o644`` with the usual umask 022). Files written through a temporary file (atomic
+    checkpoints, exported models) are given this mode, as Detectron2's own files have."""
+    return 0o666 & ~_current_umask()
+
+
+def _peek(path: str) -> Dict:
+    """The entries of a checkpoint file, read lazily (memory-mapped where possible); {} if unreadable."""
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # not a zip-format file: no mmap
+            data = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - a file that is no torch checkpoint has nothing to offer
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 class _AtomicFile:
     """Context manager: a file object on a temporary path, renamed to ``path`` on a clean exit."""
 
@@ -251,6 +391,7 @@ class _AtomicFile:
     def __enter__(self):
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=directory)
+        os.fchmod(fd, new_file_mode())  # mkstemp makes it 0600; the renamed file gets what open() would give
         self.file = os.fdopen(fd, self.mode)
         return self.file
 
@@ -317,7 +458,8 @@ def save_inference_checkpoint(model: nn.Module, path: str, fold: bool, overwrite
     ``DetectionCheckpointer``) with the conversion metadata ``{"fold": fold}``.
 
     Unlike ``DetectionCheckpointer.save`` it writes no ``last_checkpoint`` file, so converting
-    into a training output directory cannot redirect a later ``--resume``.
+    into a training output directory cannot redirect a later ``--resume``. A local file is
+    written atomically (temporary file, then renamed) with the mode of :func:`new_file_mode`.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -327,32 +469,98 @@ def save_inference_checkpoint(model: nn.Module, path: str, fold: bool, overwrite
     if PathManager.exists(path) and not overwrite:
         raise FileExistsError(f"{path!r} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
     data = {"model": model.state_dict(), METADATA_KEY: {"fold": bool(fold)}}
-    with PathManager.open(path, "wb") as f:
+    with AtomicPathManager(PathManager).open(path, "wb") as f:
         torch.save(data, f)
 
 
 def read_conversion_metadata(path: str) -> Optional[Dict]:
     """The conversion metadata of a checkpoint written by :func:`save_inference_checkpoint`
-    (``{"fold": bool}``), or None if it has none."""
+    (``{"fold": bool}``), or None if it has none (any other checkpoint, including Detectron2's
+    ``.pkl`` model-zoo files). The file is memory-mapped where possible, not read whole."""
     from detectron2.utils.file_io import PathManager
 
-    with PathManager.open(path, "rb") as f:
-        data = torch.load(f, map_location="cpu", weights_only=False)
-    return data.get(METADATA_KEY) if isinstance(data, dict) else None
+    if path.endswith((".pkl", ".pyth")):  # Detectron2's pickled model-zoo formats: never converted
+        return None
+    meta = _peek(PathManager.get_local_path(path)).get(METADATA_KEY)
+    return meta if isinstance(meta, dict) else None
+
+
+def fill_absent_training_state(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> List[str]:
+    """Give each CBN/MABN layer of ``model`` whose cross-iteration state is wholly absent from
+    ``state_dict`` the values of a freshly built layer, in place.
+
+    The cross-iteration state (each layer's ``cross_iteration_state_keys()``: CBN's ``window_*``
+    buffers and ``num_batches_tracked``, MABN's ``chi2_buffer``, ``psi_buffer``, ``chi2_iters``,
+    ``psi_iters``) is training-only: the eval-mode output depends on the affine parameters and
+    the population statistics alone, and ``model_final.pth`` leaves it out
+    (:class:`NormCheckpointer`). A layer that has part of it, or none of its other entries
+    (weight, bias, population statistics), is left alone, so a strict load still reports it.
+
+    Args:
+        state_dict: model state dict (key -> tensor), keys without a ``module.`` prefix.
+        model: the model it is loaded into.
+    Returns:
+        the names of the layers filled.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    model_sd = model.state_dict()
+    filled = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, IterationNormBase):
+            continue
+        prefix = name + "."
+        cross = [k for k in layer.cross_iteration_state_keys() if prefix + k in model_sd]
+        if any(prefix + k in state_dict for k in cross):
+            continue
+        others = [k for k in model_sd if k.startswith(prefix) and "." not in k[len(prefix):]
+                  and k[len(prefix):] not in cross]
+        if not others or not all(k in state_dict for k in others):
+            continue
+        for k in cross:
+            state_dict[prefix + k] = _fresh_value(k, model_sd[prefix + k])
+        filled.append(name)
+    return filled
+
+
+def _incompatible_keys(incompatible) -> Dict[str, List[str]]:
+    return {"missing": list(getattr(incompatible, "missing_keys", [])),
+            "unexpected": list(getattr(incompatible, "unexpected_keys", [])),
+            "of another shape": [k for k, *_ in getattr(incompatible, "incorrect_shapes", [])]}
+
+
+def _show_keys(keys: Dict[str, List[str]]) -> str:
+    def show(k):
+        return f"{k[:8]}{' ...' if len(k) > 8 else ''}"
+
+    return ", ".join(f"{kind} keys {show(k)}" for kind, k in keys.items())
 
 
 class _RecordingCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that keeps the incompatible keys of its last load."""
+    """``DetectionCheckpointer`` that keeps the incompatible keys of its last load, and fills the
+    training-only state a checkpoint leaves out (:func:`fill_absent_training_state`)."""
 
     incompatible = None
+    filled: List[str] = []
 
     def _load_model(self, checkpoint):
+        state = checkpoint.get("model")
+        if isinstance(state, dict) and not checkpoint.get("matching_heuristics", False):
+            if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
+                consume_prefix_in_state_dict_if_present(state, "module.")
+            self.filled = fill_absent_training_state(state, self.model)
         self.incompatible = super()._load_model(checkpoint)
         return self.incompatible
 
 
 def load_checkpoint_strict(model: nn.Module, path: str) -> Dict:
-    """Load a Detectron2 checkpoint into ``model`` with ``DetectionCheckpointer.load``, strictly.
+    """Load a Detectron2 checkpoint into ``model`` with ``DetectionCheckpointer.load``, strictly,
+    for inference: every weight and population statistic must be there.
+
+    The training-only cross-iteration state of CBN/MABN layers may be absent as a whole (a
+    ``model_final.pth``, which leaves it out): such layers get a fresh, empty state
+    (:func:`fill_absent_training_state`), which changes no eval-mode output, and one info line is
+    logged instead of Detectron2's warnings.
 
     Args:
         model: the model.
@@ -365,18 +573,14 @@ def load_checkpoint_strict(model: nn.Module, path: str) -> Dict:
     """
     checkpointer = _RecordingCheckpointer(model)
     checkpoint = checkpointer.load(path, checkpointables=[])
-    incompatible = checkpointer.incompatible
-    missing = list(getattr(incompatible, "missing_keys", []))
-    unexpected = list(getattr(incompatible, "unexpected_keys", []))
-    shapes = [k for k, *_ in getattr(incompatible, "incorrect_shapes", [])]
-    if missing or unexpected or shapes:
-        def show(keys):
-            return f"{keys[:8]}{' ...' if len(keys) > 8 else ''}"
-
+    keys = _incompatible_keys(checkpointer.incompatible)
+    if any(keys.values()):
         raise IncompatibleCheckpointError(
-            f"{path!r} does not match the model: missing keys {show(missing)}, unexpected keys "
-            f"{show(unexpected)}, keys of another shape {show(shapes)}. Is it a checkpoint of a model of this "
+            f"{path!r} does not match the model: {_show_keys(keys)}. Is it a checkpoint of a model of this "
             "config (for a converted checkpoint: with the fold setting it was converted with)?"
         )
+    if checkpointer.filled:
+        logger.info(f"{path}: no cross-iteration state (training-only: CBN windows, MABN moving averages) for "
+                    f"{len(checkpointer.filled)} layers, as in model_final.pth; inference does not use it")
     checkpoint.pop("model", None)
     return checkpoint

@@ -51,6 +51,8 @@ __all__ = [
     "export_torchscript",
     "export_onnx",
     "onnx_available",
+    "onnx_output_names",
+    "ONNX_INPUT_NAME",
     "FORMATS",
     "OUTPUT_FILES",
 ]
@@ -62,6 +64,8 @@ OUTPUT_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 #: ``aligned=True`` (Detectron2's ROIAlignV2) correctly; Detectron2 main's
 #: ``STABLE_ONNX_OPSET_VERSION`` 11 gives other boxes and masks.
 ONNX_OPSET = 16
+#: Name of the ONNX graph's input, the (3, H, W) float32 image; outputs: :func:`onnx_output_names`.
+ONNX_INPUT_NAME = "image"
 _PRIVATE_PACKAGE = "smallbn_d2._detectron2_export"
 
 
@@ -198,9 +202,13 @@ def _refuse_existing(path: str, overwrite: bool) -> None:
 
 def _write_atomically(path: str, write: Callable[[str], None]) -> None:
     """``write(tmp)`` to a temporary file next to ``path``, renamed to ``path`` if it succeeds
-    (a failed export leaves no partial file and ``path`` as it was)."""
+    (a failed export leaves no partial file and ``path`` as it was). The file gets the mode a
+    plain ``open`` would give (the user's umask), not the temporary file's 0600."""
+    from .checkpoint import new_file_mode
+
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+    os.fchmod(fd, new_file_mode())
     os.close(fd)
     try:
         write(tmp)
@@ -226,6 +234,44 @@ def export_torchscript(model: nn.Module, image: torch.Tensor, path: str, overwri
     return exported
 
 
+def _schema_leaves(schema, path: Tuple[str, ...], per_detection: bool) -> List[Tuple[Tuple[str, ...], bool]]:
+    """(path of names, is a per-detection field) of every flat value of a ``TracingAdapter``
+    output schema, in the flattening order (dicts and Instances fields by sorted key, then an
+    Instances' ``image_size``)."""
+    if hasattr(schema, "keys") and hasattr(schema, "schemas"):  # DictSchema, InstancesSchema
+        instances = type(schema).__name__ == "InstancesSchema"
+        out = []
+        for key, sub in zip(schema.keys, schema.schemas):
+            out += _schema_leaves(sub, path + (key,), per_detection or instances)
+        if instances:
+            out.append((path + ("image_size",), False))
+        return out
+    if hasattr(schema, "schemas"):  # ListSchema, TupleSchema
+        many = len(schema.schemas) > 1
+        out = []
+        for i, sub in enumerate(schema.schemas):
+            out += _schema_leaves(sub, path + ((str(i),) if many else ()), per_detection)
+        return out
+    return [(path, per_detection)]  # a tensor (IdentitySchema) or a tensor wrapper (Boxes)
+
+
+def onnx_output_names(adapter: nn.Module) -> List[Tuple[str, bool]]:
+    """The names :func:`export_onnx` gives the outputs of a traced ``TracingAdapter`` (after one
+    forward call, which records the output schema), in order, each with whether its first
+    dimension counts detections (R).
+
+    A name is the field's name in Detectron2's output structure: for a Mask R-CNN
+    ``pred_boxes, pred_classes, pred_masks, scores, image_size`` (``Instances`` fields sorted,
+    then the image size); for a RetinaNet ``pred_boxes, pred_classes, scores, image_size``.
+    Names that would repeat (several images or outputs) are prefixed by their path, joined
+    with ``"/"``.
+    """
+    leaves = _schema_leaves(adapter.outputs_schema, (), False)
+    short = [p[-1] if p else "output" for p, _ in leaves]
+    names = [s if short.count(s) == 1 else "/".join(p) for s, (p, _) in zip(short, leaves)]
+    return list(zip(names, [d for _, d in leaves]))
+
+
 def onnx_available() -> Optional[str]:
     """None if ``torch.onnx.export`` can run here, else the reason (the ``onnx`` package, which
     PyTorch's exporter needs, is missing)."""
@@ -248,6 +294,12 @@ def export_onnx(model: nn.Module, image: torch.Tensor, path: str, overwrite: boo
             ``ROIAlignV2`` poolers (R-CNN heads) need >= 16: torchvision exports RoIAlign with
             ``aligned=True`` only from opset 16 on (at lower opsets it warns and exports
             ``aligned=False``, which gives other boxes and masks).
+    The graph's input is named ``"image"`` (3, H, W); its outputs are named after Detectron2's
+    fields (:func:`onnx_output_names`), for a Mask R-CNN: ``pred_boxes`` (R, 4) float32, x1 y1
+    x2 y2 in the input image's pixels; ``pred_classes`` (R,) int64; ``pred_masks`` (R, 1, M, M)
+    float32 mask probabilities (M = 28 by default); ``scores`` (R,) float32; ``image_size`` (2,)
+    int64, (H, W) of the input. R, the number of detections, is a dynamic dimension.
+
     Returns:
         the ``TracingAdapter`` (its ``outputs_schema`` rebuilds the structures from the outputs).
     Raises:
@@ -270,10 +322,16 @@ def export_onnx(model: nn.Module, image: torch.Tensor, path: str, overwrite: boo
     adapter, image = _adapter(model, image)
     kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
 
+    with torch.no_grad():
+        adapter(image)  # records the output schema, which names the outputs
+    outputs = onnx_output_names(adapter)
+    dynamic_axes = {ONNX_INPUT_NAME: {1: "height", 2: "width"}}
+    dynamic_axes.update({name: {0: "detections"} for name, per_detection in outputs if per_detection})
+
     def write(tmp: str) -> None:
         with torch.no_grad():
-            torch.onnx.export(adapter, (image,), tmp, opset_version=opset_version, input_names=["image"],
-                              dynamic_axes={"image": {1: "height", 2: "width"}}, **kwargs)
+            torch.onnx.export(adapter, (image,), tmp, opset_version=opset_version, input_names=[ONNX_INPUT_NAME],
+                              output_names=[name for name, _ in outputs], dynamic_axes=dynamic_axes, **kwargs)
 
     _write_atomically(path, write)
     return adapter

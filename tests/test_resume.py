@@ -173,3 +173,54 @@ def test_resume_is_exact(norm, tmp_path, one_thread):
     before_resume = N - 1 if norm == "CBN" else N  # MABN tags are 1-based (t = iteration + 1)
     for t in tags:
         assert (t == before_resume).any() and (t >= N).any(), t
+
+
+# ----------------------------------------------------------------------------- a finished run
+def _cross_state(state, norm):
+    keys = ("window_",) if norm == "CBN" else ("chi2_buffer", "chi2_iters", "psi_buffer", "psi_iters")
+    return {k: v for k, v in state.items() if any(s in k.rsplit(".", 1)[-1] for s in keys)}
+
+
+@pytest.mark.parametrize("norm", ["CBN", "MABN"])
+def test_resume_of_a_finished_run_takes_the_full_checkpoint_of_the_same_iteration(norm, tmp_path, one_thread, caplog):
+    """``--resume`` of a finished run (``last_checkpoint`` = model_final.pth, which leaves out the
+    cross-iteration state) continues from the periodic checkpoint written in the same step: the
+    CBN windows / MABN buffers are those of the finished run, not empty."""
+    cfg = resume_cfg(norm, tmp_path / "run", max_iter=N)  # CHECKPOINT_PERIOD N: model_{N-1} and model_final
+    batches = coco_batches(cfg, N + M)
+    finished = make_trainer(cfg, batches)
+    finished.resume_or_load(resume=False)
+    finished.train()
+    assert open(tmp_path / "run" / "last_checkpoint").read().strip() == "model_final.pth"
+    expected = _cross_state(_model_state(finished), norm)
+    assert expected and any(bool((v != 0).any()) for k, v in expected.items() if not k.endswith("_iters"))
+
+    cfg_more = resume_cfg(norm, tmp_path / "run", max_iter=N + M)  # train further
+    resumed = make_trainer(cfg_more, batches, seed=99)
+    with caplog.at_level("INFO"):
+        resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == N
+    assert f"Resuming from {tmp_path / 'run' / f'model_{N - 1:07d}.pth'}" in caplog.text
+    got = _cross_state(_model_state(resumed), norm)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("norm", ["CBN", "MABN"])
+def test_resume_from_a_final_checkpoint_alone_warns_what_restarts(norm, tmp_path, one_thread, caplog):
+    """Without a periodic checkpoint of the last iteration (the main job writes none), resuming
+    from model_final.pth starts every window / moving average empty, and says so as a warning."""
+    cfg = resume_cfg(norm, tmp_path / "run", max_iter=N, opts=["SOLVER.CHECKPOINT_PERIOD", 1000])
+    batches = coco_batches(cfg, N + M)
+    finished = make_trainer(cfg, batches)
+    finished.resume_or_load(resume=False)
+    finished.train()
+    assert not list((tmp_path / "run").glob("model_0*.pth"))
+
+    resumed = make_trainer(resume_cfg(norm, tmp_path / "run", max_iter=N + M), batches, seed=99)
+    with caplog.at_level("INFO"):
+        resumed.resume_or_load(resume=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("restarts empty" in w and "model_final.pth" in w for w in warnings), warnings
+    tags = [v for k, v in _model_state(resumed).items() if k.endswith("window_iters" if norm == "CBN" else "chi2_iters")]
+    assert tags and all(bool((t == -1).all()) for t in tags)  # empty slots

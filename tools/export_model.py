@@ -7,15 +7,19 @@ Detectron2's ``tools/deploy/export_model.py`` command line (tracing export)::
         --format torchscript --output exported/ [--fold] [--sample-image IMG] \\
         MODEL.WEIGHTS output/model_final.pth [KEY VALUE ...]
 
-``MODEL.WEIGHTS`` is a trained checkpoint of the config's model (its CBN/MABN layers are
-converted to FrozenBatchNorm2d here, ``--fold`` folds them into the convs:
-``smallbn_d2.deploy.convert_for_inference``) or a checkpoint already converted by
-``tools/convert_for_inference.py`` (recognized by its conversion metadata). The model is traced
+``MODEL.WEIGHTS`` is a trained checkpoint of the config's model (``model_final.pth`` or a
+periodic one; its CBN/MABN layers are converted to FrozenBatchNorm2d here, ``--fold`` folds them
+into the convs: ``smallbn_d2.deploy.convert_for_inference``) or a checkpoint already converted
+by ``tools/convert_for_inference.py`` (recognized by its conversion metadata). A LazyConfig
+(``.py``) works too, with ``key=value`` overrides: the weights are ``train.init_checkpoint=FILE``,
+the default sample image the first of ``dataloader.test``. The model is traced
 with Detectron2's ``TracingAdapter`` (``smallbn_d2.export``) on the sample image (default: the
 first image of ``DATASETS.TEST[0]``, resized as for testing) and written as
 ``OUTPUT/model.ts`` (``--format torchscript``; load with ``torch.jit.load`` after ``import
 torchvision``, whose RoIAlign and NMS ops it calls) or
-``OUTPUT/model.onnx`` (``--format onnx``, needs the ``onnx`` package; opset 16). The exported
+``OUTPUT/model.onnx`` (``--format onnx``, needs the ``onnx`` package; opset 16; input ``image``,
+outputs ``pred_boxes, pred_classes, pred_masks, scores, image_size`` for a Mask R-CNN:
+``smallbn_d2.export.onnx_output_names``, docs/DEPLOY.md). The exported
 model takes one (3, H, W) float image in ``INPUT.FORMAT`` and returns R-CNN outputs before
 Detectron2's postprocessing (boxes in the input image's coordinates, R x R mask probabilities;
 ``smallbn_d2.export.ExportedModel.outputs`` rebuilds ``Instances``). An existing output file is
@@ -28,16 +32,18 @@ import sys
 
 import torch
 
-from smallbn_d2 import ConfigValueError, build_model
+from smallbn_d2 import ConfigValueError
 from smallbn_d2.checkpoint import read_conversion_metadata
 from smallbn_d2.deploy import (
     IncompatibleCheckpointError,
+    build_training_model,
     convert_for_inference,
     fold_frozen_bn,
+    is_lazy_config,
     load_checkpoint_strict,
     load_inference_model,
+    load_training_config,
 )
-from smallbn_d2.engine import load_config
 from smallbn_d2.export import (
     FORMATS,
     ONNX_OPSET,
@@ -55,7 +61,8 @@ EXPORT_METHODS = ("tracing",)
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="training config of the model (YAML)")
+    parser.add_argument("--config-file", required=True, metavar="FILE",
+                        help="training config of the model (YAML, or a LazyConfig .py)")
     parser.add_argument("--export-method", default="tracing", choices=EXPORT_METHODS,
                         help="Detectron2's TracingAdapter + torch.jit.trace / torch.onnx.export")
     parser.add_argument("--format", default="torchscript", choices=FORMATS, help="output format")
@@ -64,7 +71,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-image", metavar="FILE",
                         help="image to trace with (default: the first image of DATASETS.TEST[0])")
     parser.add_argument("opts", default=[], nargs=argparse.REMAINDER,
-                        help="config overrides: KEY VALUE ..., e.g. MODEL.WEIGHTS model_final.pth")
+                        help="config overrides: KEY VALUE ..., e.g. MODEL.WEIGHTS model_final.pth "
+                             "(LazyConfig: key=value ..., e.g. train.init_checkpoint=model_final.pth)")
     return parser
 
 
@@ -75,6 +83,11 @@ def sample_input(cfg, image_path=None) -> dict:
 
     from smallbn_d2.data import register_coco_sample
 
+    if image_path is None and is_lazy_config(cfg):
+        from detectron2.config import instantiate
+
+        register_coco_sample()
+        return next(iter(instantiate(cfg.dataloader.test)))[0]
     if image_path is None:
         register_coco_sample()
         if not cfg.DATASETS.TEST:
@@ -95,7 +108,7 @@ def load_converted_model(cfg, weights: str, fold: bool):
         if fold and not meta["fold"]:
             fold_frozen_bn(model)
         return model.eval()
-    model = build_model(cfg)  # reads no data: a burn-in in epochs stays unknown, unneeded here
+    model = build_training_model(cfg)  # reads no data: a burn-in in epochs stays unknown, unneeded here
     load_checkpoint_strict(model, weights)
     model.eval()
     model, _ = convert_for_inference(model, fold=fold)
@@ -126,18 +139,22 @@ def main(argv=None) -> int:
         print(f"error: --format onnx: {onnx_available()}", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.config_file, args.opts)
-        weights = cfg.MODEL.WEIGHTS
+        cfg = load_training_config(args.config_file, args.opts)
+        lazy = is_lazy_config(cfg)
+        key = "train.init_checkpoint" if lazy else "MODEL.WEIGHTS"
+        weights = cfg.train.init_checkpoint if lazy else cfg.MODEL.WEIGHTS
+        device = cfg.train.device if lazy else cfg.MODEL.DEVICE
+        example = f"{key}=FILE" if lazy else f"{key} FILE"
         if not weights:
-            raise FileNotFoundError("MODEL.WEIGHTS is empty: give the checkpoint to export (MODEL.WEIGHTS FILE)")
+            raise FileNotFoundError(f"{key} is empty: give the checkpoint to export ({example})")
         if "://" not in weights and not os.path.isfile(weights):
-            raise FileNotFoundError(f"MODEL.WEIGHTS {weights!r} does not exist")
+            raise FileNotFoundError(f"{key} {weights!r} does not exist")
         model = load_converted_model(cfg, weights, args.fold)
         inputs = sample_input(cfg, args.sample_image)
     except (FileNotFoundError, ConfigValueError, IncompatibleCheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    image = inputs["image"].to(torch.float32).to(cfg.MODEL.DEVICE)
+    image = inputs["image"].to(torch.float32).to(device)
     os.makedirs(args.output, exist_ok=True)
     try:
         if args.format == "torchscript":

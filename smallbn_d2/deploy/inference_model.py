@@ -6,10 +6,17 @@ strictly into the model built from the training config with every convertible ``
 adds what a config cannot express: the per-level FrozenBN lists of RetinaNet's head and, for
 folded checkpoints, the folded structure; :func:`load_inference_model` builds and loads strictly
 in one call. See ``docs/DEPLOY.md``.
+
+Both config systems are accepted: Detectron2's YAML (``CfgNode``) configs and its LazyConfigs
+(Python files, or the YAML that ``LazyConfig.save`` writes), whose norms are the values of keys
+named ``norm``/``*_norm`` under ``model`` (:func:`load_training_config`, :func:`is_lazy_config`).
 """
 from __future__ import annotations
 
-from typing import Optional
+import copy
+import os
+import re
+from typing import Any, Optional, Sequence
 
 from detectron2.config import CfgNode
 from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d
@@ -20,21 +27,97 @@ from ..checkpoint import load_checkpoint_strict, read_conversion_metadata
 from ..modeling.norms import frozen_convertible_norms, per_level_retinanet_norms
 from .convert import fold_frozen_bn
 
-__all__ = ["frozen_bn_config", "build_inference_model", "load_inference_model"]
+__all__ = ["frozen_bn_config", "build_inference_model", "load_inference_model", "load_training_config",
+           "is_lazy_config", "build_training_model"]
 
 
-def frozen_bn_config(cfg: CfgNode) -> CfgNode:
+def is_lazy_config(cfg: Any) -> bool:
+    """True for a LazyConfig (omegaconf ``DictConfig``), False for a YAML ``CfgNode``."""
+    return not isinstance(cfg, CfgNode)
+
+
+def _is_lazy_file(path: str) -> bool:
+    if path.endswith(".py"):
+        return True
+    with open(path) as f:  # a LazyConfig saved as YAML has lowercase top-level fields (model:, train:)
+        return re.search(r"^model:", f.read(), flags=re.MULTILINE) is not None
+
+
+def load_training_config(config_file: str, opts: Sequence[str] = ()) -> Any:
+    """The training config of a model: a YAML config (``smallbn_d2.engine.load_config``, overrides
+    ``KEY VALUE ...``) or a LazyConfig (``.py``, or a ``.yaml`` written by ``LazyConfig.save``;
+    ``LazyConfig.load`` + ``apply_overrides``, overrides ``key=value ...``).
+
+    Raises:
+        FileNotFoundError: ``config_file`` does not exist.
+        as ``load_config`` / ``LazyConfig.apply_overrides`` for bad keys or values.
+    """
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"Config file {config_file!r} does not exist")
+    if _is_lazy_file(config_file):
+        from detectron2.config import LazyConfig
+
+        return LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+    from ..engine import load_config
+
+    return load_config(config_file, opts)
+
+
+def build_training_model(cfg: Any) -> nn.Module:
+    """The model of a training config with its own norms (CBN, MABN, ...), not loaded:
+    :func:`smallbn_d2.build_model` for a YAML config, :func:`smallbn_d2.lazy.build_model` for a
+    LazyConfig. Reads no data."""
+    if is_lazy_config(cfg):
+        from ..lazy import build_model as build_lazy_model
+
+        return build_lazy_model(cfg)
+    from ..modeling import build_model
+
+    return build_model(cfg)
+
+
+def _freeze_lazy_norms(node: Any, convertible: Sequence[str]) -> None:
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(node, ListConfig):
+        for item in node:
+            _freeze_lazy_norms(item, convertible)
+        return
+    if not isinstance(node, DictConfig):
+        return
+    for key in list(node.keys()):
+        value = node[key]
+        if isinstance(value, (DictConfig, ListConfig)):
+            _freeze_lazy_norms(value, convertible)
+        elif isinstance(key, str) and key.endswith("norm") and isinstance(value, str) and value in convertible:
+            node[key] = "FrozenBN"
+
+
+def _lazy_retinanet_norm(cfg: Any) -> Optional[str]:
+    head = cfg.model.get("head", None) if hasattr(cfg.model, "get") else None
+    norm = head.get("norm", None) if hasattr(head, "get") else None
+    return norm if isinstance(norm, str) else None
+
+
+def frozen_bn_config(cfg: Any) -> Any:
     """A copy of ``cfg`` with every ``NORM`` key whose value converts to FrozenBN
     (:func:`~smallbn_d2.modeling.norms.frozen_convertible_norms`) set to ``"FrozenBN"`` (e.g.
     ``MODEL.RESNETS.NORM``, ``MODEL.FPN.NORM``, ``MODEL.ROI_BOX_HEAD.NORM``,
     ``MODEL.ROI_MASK_HEAD.NORM``, ``MODEL.RETINANET.NORM``). Other norms (GN, LN, "") are kept.
 
+    For a LazyConfig: every string value of a key named ``norm`` or ``*_norm`` under ``model``
+    (``model.backbone.norm``, ``model.roi_heads.box_head.conv_norm``, ...) that converts.
+
     Args:
-        cfg: a Detectron2 config (not modified).
+        cfg: a Detectron2 config or LazyConfig (not modified).
     Returns:
-        a new, unfrozen ``CfgNode``.
+        a new, unfrozen ``CfgNode`` (a deep copy for a LazyConfig).
     """
     convertible = frozen_convertible_norms()
+    if is_lazy_config(cfg):
+        out = copy.deepcopy(cfg)
+        _freeze_lazy_norms(out.model, convertible)
+        return out
     out = cfg.clone()
     out.defrost()
 
@@ -62,7 +145,7 @@ def _per_level_frozen_retinanet(model: nn.Module) -> None:
                     subnet[i] = cycle.to(module.running_mean.device)
 
 
-def build_inference_model(cfg: CfgNode, fold: bool = False) -> nn.Module:
+def build_inference_model(cfg: Any, fold: bool = False) -> nn.Module:
     """Build the model that a checkpoint converted from a model of ``cfg`` loads into, strictly.
 
     The model of :func:`frozen_bn_config` (``cfg``'s norms as FrozenBN); if
@@ -73,16 +156,19 @@ def build_inference_model(cfg: CfgNode, fold: bool = False) -> nn.Module:
     ``cfg.MODEL.DEVICE``.
 
     Args:
-        cfg: the training config of the converted model (with smallbn_d2's keys).
+        cfg: the training config of the converted model (with smallbn_d2's keys), or its
+            LazyConfig (built on ``cfg.train.device``).
         fold: whether the checkpoint was converted with ``fold=True``.
     Returns:
         the model.
     """
-    from ..modeling import build_model
-
-    per_level = (cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
-                 and cfg.MODEL.RETINANET.NORM in per_level_retinanet_norms())
-    model = build_model(frozen_bn_config(cfg))
+    model = build_training_model(frozen_bn_config(cfg))
+    if is_lazy_config(cfg):
+        per_level = (any(isinstance(m, RetinaNetHead) for m in model.modules())
+                     and _lazy_retinanet_norm(cfg) in per_level_retinanet_norms())
+    else:
+        per_level = (cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
+                     and cfg.MODEL.RETINANET.NORM in per_level_retinanet_norms())
     if per_level:
         _per_level_frozen_retinanet(model)
     if fold:
@@ -90,11 +176,11 @@ def build_inference_model(cfg: CfgNode, fold: bool = False) -> nn.Module:
     return model.eval()
 
 
-def load_inference_model(cfg: CfgNode, weights: str, fold: Optional[bool] = None) -> nn.Module:
+def load_inference_model(cfg: Any, weights: str, fold: Optional[bool] = None) -> nn.Module:
     """Build :func:`build_inference_model` and load a converted checkpoint into it, strictly.
 
     Args:
-        cfg: the training config of the converted model.
+        cfg: the training config of the converted model (YAML ``CfgNode`` or LazyConfig).
         weights: path of the converted checkpoint.
         fold: whether it is folded; None reads it from the checkpoint's metadata (written by
             :func:`smallbn_d2.checkpoint.save_inference_checkpoint`).
