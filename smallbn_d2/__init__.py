@@ -32,7 +32,7 @@ from .modeling import (
 )
 from .modeling import norms as _norms
 from .deploy import convert_to_frozen_bn
-from .convert import convert_norm
+from .to_cross_iteration import convert_norm
 
 _norms.install()
 

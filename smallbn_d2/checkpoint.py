@@ -316,7 +316,7 @@ class NormCheckpointer(DetectionCheckpointer):
 
     def _inference_structure(self) -> bool:
         """True if the model has no layer that conversion would replace (CBN, MABN, BN)."""
-        from .deploy.convert import _SOURCES  # deploy imports this module
+        from .deploy.to_frozen_bn import _SOURCES  # deploy imports this module
 
         from detectron2.layers import FrozenBatchNorm2d
 
@@ -324,7 +324,7 @@ class NormCheckpointer(DetectionCheckpointer):
 
     def _fold_for(self, converted: Dict) -> None:
         """Give the (FrozenBN) model the folded structure of a folded checkpoint."""
-        from .deploy.convert import fold_frozen_bn
+        from .deploy.to_frozen_bn import fold_frozen_bn
 
         if not self._inference_structure():
             return  # a training model: the strict check refuses the folded checkpoint

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint_strict, read_conversion_metadata
 from ..modeling.norms import frozen_convertible_norms, per_level_retinanet_norms
-from .convert import fold_frozen_bn
+from .to_frozen_bn import fold_frozen_bn
 
 __all__ = ["frozen_bn_config", "build_inference_model", "load_inference_model", "load_training_config",
            "is_lazy_config", "build_training_model"]

@@ -163,7 +163,7 @@ def _install_optimizer_params() -> None:
 
 # ----------------------------------------------------------------------------- frozen stages
 def _frozen_layer(cls: type, layer: IterationNormBase) -> nn.Module:
-    from ..deploy.convert import _frozen
+    from ..deploy.to_frozen_bn import frozen_bn_from_affine as _frozen
 
     frozen = _frozen(*layer.eval_affine())
     if "num_batches_tracked" in frozen._buffers:  # Detectron2 main's FrozenBN keeps BN's counter

@@ -55,7 +55,8 @@ from torch.nn.utils import parametrize
 
 from ..layers import IterationNormBase, is_weight_centralized, remove_weight_centralization
 
-__all__ = ["FROZEN_EPS", "ConvertedLayer", "convert_to_frozen_bn", "convert_for_inference", "fold_frozen_bn"]
+__all__ = ["FROZEN_EPS", "ConvertedLayer", "convert_to_frozen_bn", "convert_for_inference", "fold_frozen_bn",
+           "frozen_bn_from_affine"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,22 @@ def _eval_affine(layer: nn.Module, name: str):
     raise TypeError(f"{name}: cannot convert {type(layer).__name__}; allowed: {[c.__name__ for c in _SOURCES]}")
 
 
-def _frozen(mean, var, eps, gamma, beta, outer_gamma=None, outer_beta=None) -> FrozenBatchNorm2d:
-    """FrozenBatchNorm2d computing outer_gamma * ((x - mean)/sqrt(var + eps) * gamma + beta) + outer_beta."""
+def frozen_bn_from_affine(mean: torch.Tensor, var: torch.Tensor, eps: float, gamma: Optional[torch.Tensor],
+                          beta: Optional[torch.Tensor], outer_gamma: Optional[torch.Tensor] = None,
+                          outer_beta: Optional[torch.Tensor] = None) -> FrozenBatchNorm2d:
+    """The ``FrozenBatchNorm2d`` computing ``outer_gamma * ((x - mean) / sqrt(var + eps) * gamma + beta)
+    + outer_beta`` on an (N, C, H, W) input, with Detectron2's default eps (:data:`FROZEN_EPS`; the
+    difference ``eps - FROZEN_EPS`` is moved into ``running_var``).
+
+    Args:
+        mean, var: (C,) statistics; eps: the source layer's eps.
+        gamma, beta: (C,) affine parameters, or None (1 and 0).
+        outer_gamma, outer_beta: (C,) a second affine applied after (a ``CycleBatchNormList``'s
+            shared affine), or None.
+    Returns:
+        a new FrozenBatchNorm2d on ``mean``'s device, in ``mean``'s dtype promoted to at least float32.
+    Raises nothing of its own. Source: the eval-mode identities in this module's table.
+    """
     with torch.no_grad():
         dt = torch.promote_types(mean.dtype, torch.float32)
         g = torch.ones_like(mean, dtype=dt) if gamma is None else gamma.detach().to(dt)
@@ -136,7 +151,7 @@ def _convert_cycle(cycle: CycleBatchNormList, name: str) -> Optional[CycleBatchN
         return None
     outer_g = cycle.weight if getattr(cycle, "_affine", False) else None
     outer_b = cycle.bias if getattr(cycle, "_affine", False) else None
-    levels = [_frozen(*_eval_affine(m, f"{name}.{i}"), outer_gamma=outer_g, outer_beta=outer_b)
+    levels = [frozen_bn_from_affine(*_eval_affine(m, f"{name}.{i}"), outer_gamma=outer_g, outer_beta=outer_b)
               for i, m in enumerate(inner)]
     new = CycleBatchNormList(length=len(levels), bn_class=lambda num_features, affine: nn.Identity(),
                              num_features=levels[0].num_features, affine=False)
@@ -164,7 +179,7 @@ def _convert_module(module: nn.Module, name: str, records: List[ConvertedLayer])
                                       "per-level FrozenBatchNorm2d"))
         return new
     if isinstance(module, _SOURCES) and not isinstance(module, FrozenBatchNorm2d):
-        frozen = _frozen(*_eval_affine(module, name))
+        frozen = frozen_bn_from_affine(*_eval_affine(module, name))
         _release_conv(module)
         records.append(ConvertedLayer(name, type(module).__name__, frozen.num_features, "FrozenBatchNorm2d"))
         return frozen
