@@ -71,7 +71,7 @@ __all__ = [
     "check_norm_arguments",
     "check_smallbn_field",
     "build_lazy_model",
-    "build_model",
+    "build_model_from_lazy_config",
     "norm_hooks",
     "do_test",
     "do_train",
@@ -377,8 +377,9 @@ def check_smallbn_field(cfg) -> Dict[str, Any]:
     return out
 
 
-def build_model(cfg) -> nn.Module:
-    """The model of a whole LazyConfig: :func:`build_lazy_model` of ``cfg.model`` with
+def build_model_from_lazy_config(cfg) -> nn.Module:
+    """The model of a whole LazyConfig (the counterpart of :func:`smallbn_d2.build_model`, which
+    takes a YACS ``CfgNode``): :func:`build_lazy_model` of ``cfg.model`` with
     ``cfg.smallbn.norms``/``head_norms``, moved to ``cfg.train.device``.
 
     Raises:
@@ -442,7 +443,7 @@ def do_train(cfg, resume: bool = False) -> None:
         resume: continue from the last checkpoint in ``train.output_dir`` (else load
             ``train.init_checkpoint``, if any, and start at iteration 0).
     Raises:
-        as :func:`build_model`.
+        as :func:`build_model_from_lazy_config`.
     """
     from detectron2.config import instantiate
     from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
@@ -453,7 +454,7 @@ def do_train(cfg, resume: bool = False) -> None:
     from .engine.launch import create_ddp_model
 
     first = norm_hooks(cfg)  # checks the field before anything is built
-    model = build_model(cfg)
+    model = build_model_from_lazy_config(cfg)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)

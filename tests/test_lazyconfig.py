@@ -19,7 +19,7 @@ from torch import nn
 import smallbn_d2
 from detectron2.layers import FrozenBatchNorm2d
 from smallbn_d2 import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
-from smallbn_d2.lazy import burn_in_iterations, build_lazy_model, build_model, check_smallbn_field
+from smallbn_d2.lazy import burn_in_iterations, build_lazy_model, build_model_from_lazy_config, check_smallbn_field
 
 pytestmark = pytest.mark.integration
 
@@ -126,7 +126,7 @@ def test_r50_lazy_config_builds_configured_wired_layers(norm):
     assert "SyncBN" not in str(cfg.model)
     cfg.train.device = "cpu"
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model_from_lazy_config(cfg)
 
     places = _norm_places(model)
     assert len(places) == 8 + 4 + 4  # FPN 4 lateral + 4 output convs, 4conv box head, 4-conv mask head

@@ -32,7 +32,7 @@ from smallbn_d2.data import register_coco_sample
 from smallbn_d2.engine.defaults import (USER_ERRORS, ConfigValueError, check_lazy_config, check_output_dir, setup_cpu,
                                         training_argument_parser)
 from smallbn_d2.engine.launch import create_ddp_model, launch
-from smallbn_d2.lazy import build_model, check_smallbn_field, do_test, do_train
+from smallbn_d2.lazy import build_model_from_lazy_config, check_smallbn_field, do_test, do_train
 
 
 EXAMPLES = """
@@ -76,7 +76,7 @@ def main(args):
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="smallbn_d2")
     setup_cpu(cfg.train.device)
     if args.eval_only:
-        model = create_ddp_model(build_model(cfg))
+        model = create_ddp_model(build_model_from_lazy_config(cfg))
         NormCheckpointer(model).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     do_train(cfg, resume=args.resume)

@@ -65,12 +65,12 @@ def load_training_config(config_file: str, opts: Sequence[str] = ()) -> Any:
 
 def build_training_model(cfg: Any) -> nn.Module:
     """The model of a training config with its own norms (CBN, MABN, ...), not loaded:
-    :func:`smallbn_d2.build_model` for a YAML config, :func:`smallbn_d2.lazy.build_model` for a
-    LazyConfig. Reads no data."""
+    :func:`smallbn_d2.build_model` for a YAML config,
+    :func:`smallbn_d2.lazy.build_model_from_lazy_config` for a LazyConfig. Reads no data."""
     if is_lazy_config(cfg):
-        from ..lazy import build_model as build_lazy_model
+        from ..lazy import build_model_from_lazy_config
 
-        return build_lazy_model(cfg)
+        return build_model_from_lazy_config(cfg)
     from ..modeling import build_model
 
     return build_model(cfg)
