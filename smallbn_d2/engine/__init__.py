@@ -1,8 +1,9 @@
 """Detectron2 engine integration: trainer, hooks and set-up helpers."""
 from .defaults import (USER_ERRORS, OutputDirExistsError, check_output_dir, load_config, setup_cpu,
                        training_argument_parser)
-from .freeze import FreezeNormStatsHook, freeze_norm_statistics
-from .hooks import AveragePopulationStatistics, NormIterationHook, average_population_statistics
+from .freeze import freeze_norm_statistics
+from .hooks import (AveragePopulationStatistics, FreezeNormStatsHook, NormIterationHook, PeakMemoryHook, PreciseNorm,
+                    average_population_statistics)
 from .launch import launch
-from .precise_norm import PreciseNorm, update_norm_stats
+from .precise_norm import update_norm_stats
 from .trainer import Trainer, training_set_size

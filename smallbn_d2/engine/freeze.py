@@ -20,23 +20,19 @@ those layers in eval mode while the rest of the model trains:
 
 Flags are set on the modules themselves (``module.training = False``, not recursive), so
 ``model.train()``, which Detectron2 calls e.g. after every evaluation, unfreezes them:
-:class:`FreezeNormStatsHook` therefore re-applies the freeze before *every* step with
+:class:`smallbn_d2.engine.hooks.FreezeNormStatsHook` therefore re-applies the freeze before *every* step with
 ``trainer.iter >= N``, which also makes it survive ``--resume`` at an iteration > N.
 """
 from __future__ import annotations
 
-import logging
 from typing import List
 
-from detectron2.engine import HookBase
 from fvcore.nn.precise_bn import BN_MODULE_TYPES
 from torch import nn
 
 from ..layers import IterationNormBase
 
-__all__ = ["freeze_norm_statistics", "statistics_layers", "FreezeNormStatsHook"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["freeze_norm_statistics", "statistics_layers"]
 
 
 def statistics_layers(model: nn.Module) -> List[nn.Module]:
@@ -62,33 +58,3 @@ def freeze_norm_statistics(model: nn.Module) -> int:
             for module in layer.mode_dependents():  # CBN's producing conv stops capturing its input
                 module.training = False
     return len(layers)
-
-
-class FreezeNormStatsHook(HookBase):
-    """Detectron2 hook: before every step with ``trainer.iter >= start_iter``, call
-    :func:`freeze_norm_statistics` on the trainer's model.
-
-    Register it after :class:`smallbn_d2.engine.NormIterationHook` (the Trainer does so when
-    ``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER >= 0``).
-
-    Args:
-        start_iter: N, the first (0-based) trainer iteration trained with frozen statistics;
-            integer >= 0.
-    Raises:
-        ValueError: ``start_iter`` is not an integer >= 0.
-    """
-
-    def __init__(self, start_iter: int):
-        if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
-            raise ValueError(f"start_iter = {start_iter!r} is invalid; allowed: an integer >= 0 (iterations)")
-        self.start_iter = start_iter
-        self._announced = False
-
-    def before_step(self):
-        if self.trainer.iter < self.start_iter:
-            return
-        n = freeze_norm_statistics(self.trainer.model)
-        if not self._announced:
-            logger.info(f"Iteration {self.trainer.iter}: normalization statistics frozen in {n} layers "
-                        f"(MODEL.SMALLBN.FREEZE_NORM_STATS_ITER = {self.start_iter})")
-            self._announced = True

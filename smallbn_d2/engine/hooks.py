@@ -1,8 +1,13 @@
-"""Detectron2 hooks that drive the cross-iteration norm layers and keep one model across processes."""
+"""smallbn_d2's Detectron2 hooks, all in one module as Detectron2 keeps its own
+(``detectron2.engine.hooks``): they drive the cross-iteration norm layers (:class:`NormIterationHook`,
+:class:`FreezeNormStatsHook`, :class:`PreciseNorm`), keep one model across processes
+(:class:`AveragePopulationStatistics`) and record the peak memory (:class:`PeakMemoryHook`).
+The functions they call live with their subject: :mod:`.freeze`, :mod:`.precise_norm`,
+:mod:`.resources`."""
 from __future__ import annotations
 
 import logging
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from detectron2.engine import HookBase
@@ -12,9 +17,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import IterationNormBase
 from ..modeling.wiring import set_norm_iteration
+from .freeze import freeze_norm_statistics
+from .precise_norm import update_norm_stats
+from .resources import peak_memory_mb
 
-__all__ = ["NormIterationHook", "AveragePopulationStatistics", "average_population_statistics",
-           "population_statistics_layers", "population_moments"]
+__all__ = ["NormIterationHook", "FreezeNormStatsHook", "PreciseNorm", "PeakMemoryHook", "AveragePopulationStatistics",
+           "average_population_statistics", "population_statistics_layers", "population_moments"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +38,95 @@ class NormIterationHook(HookBase):
 
     def before_step(self):
         set_norm_iteration(self.trainer.model, self.trainer.iter)
+
+
+class FreezeNormStatsHook(HookBase):
+    """Detectron2 hook: before every step with ``trainer.iter >= start_iter``, call
+    :func:`freeze_norm_statistics` on the trainer's model.
+
+    Register it after :class:`smallbn_d2.engine.NormIterationHook` (the Trainer does so when
+    ``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER >= 0``).
+
+    Args:
+        start_iter: N, the first (0-based) trainer iteration trained with frozen statistics;
+            integer >= 0.
+    Raises:
+        ValueError: ``start_iter`` is not an integer >= 0.
+    """
+
+    def __init__(self, start_iter: int):
+        if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
+            raise ValueError(f"start_iter = {start_iter!r} is invalid; allowed: an integer >= 0 (iterations)")
+        self.start_iter = start_iter
+        self._announced = False
+
+    def before_step(self):
+        if self.trainer.iter < self.start_iter:
+            return
+        n = freeze_norm_statistics(self.trainer.model)
+        if not self._announced:
+            logger.info(f"Iteration {self.trainer.iter}: normalization statistics frozen in {n} layers "
+                        f"(MODEL.SMALLBN.FREEZE_NORM_STATS_ITER = {self.start_iter})")
+            self._announced = True
+
+
+class PreciseNorm(HookBase):
+    """Detectron2 hook: :func:`update_norm_stats` every ``period`` iterations and after the last.
+
+    The counterpart of ``detectron2.engine.hooks.PreciseBN`` (same arguments, same schedule:
+    after the step whose ``iter + 1`` is a multiple of ``period``, and after the final
+    iteration), covering CBN, NaiveCBN and MABN besides BN. :class:`smallbn_d2.engine.Trainer`
+    installs it instead of Detectron2's when ``TEST.PRECISE_BN.ENABLED``, with
+    ``period = TEST.EVAL_PERIOD`` and ``num_iter = TEST.PRECISE_BN.NUM_ITER``.
+
+    Args:
+        period: iterations between runs; 0: only after the last iteration.
+        model: the model (in training mode when the hook runs).
+        data_loader: yields model inputs (a separate training loader, as Detectron2 builds).
+        num_iter: forward passes per run, integer >= 1.
+    Raises:
+        ValueError: ``period`` < 0 or ``num_iter`` < 1.
+    """
+
+    def __init__(self, period: int, model: nn.Module, data_loader: Iterable[Any], num_iter: int):
+        if isinstance(period, bool) or not isinstance(period, int) or period < 0:
+            raise ValueError(f"period = {period!r} is invalid; allowed: an integer >= 0 (iterations)")
+        if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1:
+            raise ValueError(f"TEST.PRECISE_BN.NUM_ITER = {num_iter!r} is invalid; allowed: an integer >= 1")
+        self._model = model
+        self._data_loader = data_loader
+        self._num_iter = num_iter
+        self._period = period
+        self._data_iter = None
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if next_iter == self.trainer.max_iter or (self._period > 0 and next_iter % self._period == 0):
+            self.update_stats()
+
+    def update_stats(self) -> Dict[str, int]:
+        """Run :func:`update_norm_stats` now (the data iterator persists across runs)."""
+        if self._data_iter is None:
+            self._data_iter = iter(self._data_loader)
+        return update_norm_stats(self._model, self._data_iter, self._num_iter)
+
+
+class PeakMemoryHook(HookBase):
+    """After every step, store :func:`peak_memory_mb` of ``device`` in the event storage.
+
+    The value is monotone (a peak), stored without smoothing; Detectron2's ``PeriodicWriter``
+    then writes it to ``metrics.json`` (put this hook before the writer).
+
+    Args:
+        device: the model's device (``cfg.MODEL.DEVICE``).
+    """
+
+    def __init__(self, device: torch.device | str):
+        self._device = torch.device(device)
+
+    def after_step(self):
+        key, mb = peak_memory_mb(self._device)
+        self.trainer.storage.put_scalar(key, mb, smoothing_hint=False)
 
 
 # ----------------------------------------------------------------------------- one model across processes

@@ -4,7 +4,7 @@ Source: Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021), Sec. 3 (PreciseB
 appendix (population variance of small batches); METHODS.md, last section. Detectron2's
 ``hooks.PreciseBN`` (``TEST.PRECISE_BN``) calls ``fvcore.nn.precise_bn.update_bn_stats``, which
 only sees ``nn.BatchNorm*`` layers; :func:`update_norm_stats` covers CBN, NaiveCBN and MABN too,
-in the same forward passes, and :class:`PreciseNorm` is the hook that replaces Detectron2's.
+in the same forward passes, and :class:`smallbn_d2.engine.hooks.PreciseNorm` is the hook that replaces Detectron2's.
 
 Definition (per channel c, over every position (n, h, w) of every batch the layer saw during
 the ``num_iters`` forward passes, in float64; P = total number of positions):
@@ -41,14 +41,13 @@ import logging
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
-from detectron2.engine import HookBase
 from detectron2.utils.events import EventStorage
 from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
 from torch import nn
 
 from ..layers import IterationNormBase
 
-__all__ = ["update_norm_stats", "precise_norm_layers", "PreciseNorm"]
+__all__ = ["update_norm_stats", "precise_norm_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,44 +160,3 @@ def update_norm_stats(model: nn.Module, data_loader: Iterable[Any], num_iters: i
             continue
         layer.set_population_statistics(acc.sum / acc.count, acc.sum_sq / acc.count)
     return counts
-
-
-class PreciseNorm(HookBase):
-    """Detectron2 hook: :func:`update_norm_stats` every ``period`` iterations and after the last.
-
-    The counterpart of ``detectron2.engine.hooks.PreciseBN`` (same arguments, same schedule:
-    after the step whose ``iter + 1`` is a multiple of ``period``, and after the final
-    iteration), covering CBN, NaiveCBN and MABN besides BN. :class:`smallbn_d2.engine.Trainer`
-    installs it instead of Detectron2's when ``TEST.PRECISE_BN.ENABLED``, with
-    ``period = TEST.EVAL_PERIOD`` and ``num_iter = TEST.PRECISE_BN.NUM_ITER``.
-
-    Args:
-        period: iterations between runs; 0: only after the last iteration.
-        model: the model (in training mode when the hook runs).
-        data_loader: yields model inputs (a separate training loader, as Detectron2 builds).
-        num_iter: forward passes per run, integer >= 1.
-    Raises:
-        ValueError: ``period`` < 0 or ``num_iter`` < 1.
-    """
-
-    def __init__(self, period: int, model: nn.Module, data_loader: Iterable[Any], num_iter: int):
-        if isinstance(period, bool) or not isinstance(period, int) or period < 0:
-            raise ValueError(f"period = {period!r} is invalid; allowed: an integer >= 0 (iterations)")
-        if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1:
-            raise ValueError(f"TEST.PRECISE_BN.NUM_ITER = {num_iter!r} is invalid; allowed: an integer >= 1")
-        self._model = model
-        self._data_loader = data_loader
-        self._num_iter = num_iter
-        self._period = period
-        self._data_iter = None
-
-    def after_step(self):
-        next_iter = self.trainer.iter + 1
-        if next_iter == self.trainer.max_iter or (self._period > 0 and next_iter % self._period == 0):
-            self.update_stats()
-
-    def update_stats(self) -> Dict[str, int]:
-        """Run :func:`update_norm_stats` now (the data iterator persists across runs)."""
-        if self._data_iter is None:
-            self._data_iter = iter(self._data_loader)
-        return update_norm_stats(self._model, self._data_iter, self._num_iter)

@@ -3,7 +3,7 @@
 Detectron2 v0.6 logs ``max_mem`` only on CUDA and reports inference speed only as a log line.
 This module stores both where a comparison can read them back:
 
-* :class:`PeakMemoryHook` puts the process's peak memory in MB into the event storage after
+* :class:`smallbn_d2.engine.hooks.PeakMemoryHook` puts the process's peak memory in MB into the event storage after
   every step, so that it lands in ``metrics.json`` next to the losses;
 * :class:`InferenceTimer` times the model's forward calls during evaluation and
   :func:`append_inference_time` appends the result to ``OUTPUT_DIR/inference/inference_time.json``
@@ -19,7 +19,6 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from detectron2.engine import HookBase
 from torch import nn
 
 __all__ = [
@@ -27,7 +26,6 @@ __all__ = [
     "RSS_PEAK_KEY",
     "INFERENCE_TIME_FILE",
     "peak_memory_mb",
-    "PeakMemoryHook",
     "InferenceTimer",
     "append_inference_time",
 ]
@@ -56,24 +54,6 @@ def peak_memory_mb(device: torch.device | str) -> Tuple[str, float]:
         return CUDA_PEAK_KEY, torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return RSS_PEAK_KEY, rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-class PeakMemoryHook(HookBase):
-    """After every step, store :func:`peak_memory_mb` of ``device`` in the event storage.
-
-    The value is monotone (a peak), stored without smoothing; Detectron2's ``PeriodicWriter``
-    then writes it to ``metrics.json`` (put this hook before the writer).
-
-    Args:
-        device: the model's device (``cfg.MODEL.DEVICE``).
-    """
-
-    def __init__(self, device: torch.device | str):
-        self._device = torch.device(device)
-
-    def after_step(self):
-        key, mb = peak_memory_mb(self._device)
-        self.trainer.storage.put_scalar(key, mb, smoothing_hint=False)
 
 
 class InferenceTimer:

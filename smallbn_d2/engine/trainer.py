@@ -15,12 +15,11 @@ from fvcore.nn.precise_bn import get_bn_modules
 from ..checkpoint import NormCheckpointer
 from ..config import cbn_burn_in_iters, norm_keys, resolve_burn_in, scale_norm_iterations
 from ..modeling import NORM_FAMILIES, build_model
-from .freeze import FreezeNormStatsHook
 from .grad_clip import build_optimizer_with_clipping
-from .hooks import AveragePopulationStatistics, NormIterationHook
-from .resources import InferenceTimer, PeakMemoryHook, append_inference_time
+from .hooks import AveragePopulationStatistics, FreezeNormStatsHook, NormIterationHook, PeakMemoryHook, PreciseNorm
+from .resources import InferenceTimer, append_inference_time
 from .syncbn import warn_single_process_syncbn
-from .precise_norm import PreciseNorm, precise_norm_layers
+from .precise_norm import precise_norm_layers
 
 __all__ = ["Trainer", "training_set_size", "uses_cbn"]
 
@@ -59,7 +58,7 @@ class Trainer(DefaultTrainer):
       statistics (``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER``), then Detectron2's default hooks
       with PreciseBN covering CBN and MABN (:class:`PreciseNorm`).
     * Run records for ``tools/compare_runs.py``: peak memory in ``metrics.json`` every step
-      (:class:`~smallbn_d2.engine.resources.PeakMemoryHook`) and inference s/image from :meth:`test`;
+      (:class:`~smallbn_d2.engine.hooks.PeakMemoryHook`) and inference s/image from :meth:`test`;
       a warning when SyncBN runs in a single process (it is then plain BN).
     * :meth:`build_evaluator`: ``COCOEvaluator`` (box AP, and mask AP when ``MODEL.MASK_ON``),
       writing ``inference/coco_instances_results.json`` (``inference/<dataset>/...`` when
