@@ -5,6 +5,7 @@ setup(
     name="smallbn_d2",
     version="0.1.0",
     description="CBN and MABN normalization for Detectron2 at small per-GPU batch sizes",
+    # the library only: benchmarks/, tools/ and projects/ run from a checkout
     packages=find_packages(include=("smallbn_d2", "smallbn_d2.*")),
     # the COCO 2017 sample of the main job (smallbn_d2/data/coco_2017_sample)
     package_data={"smallbn_d2.data": ["coco_2017_sample/*.md", "coco_2017_sample/annotations/*.json",

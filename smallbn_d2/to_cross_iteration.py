@@ -36,7 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers import IterationNormBase
 from .layers.weight_centralization import is_weight_centralized
-from .modeling.families import NORM_FAMILIES, NormFamily
+from .families import NORM_FAMILIES, NormFamily
 from .pretrained import check_loaded_weight_centralization
 
 __all__ = ["convert_norm", "ConversionReport", "ConversionEntry"]

@@ -1,9 +1,13 @@
-"""The benchmarks' shared inference timing (smallbn_d2.benchmark.children.time_inference) and
+"""The benchmarks' shared inference timing (benchmarks.children.time_inference) and
 their Timer: every model runs once per (repeat, image) in a rotated order, the timer's sync runs
 around each call, and each model's first-image detections are counted untimed."""
+import sys
 
-from smallbn_d2.benchmark.children import time_inference
-from smallbn_d2.benchmark.measure import Timer
+from helpers import REPO
+
+sys.path.insert(0, REPO)  # benchmarks/ is not installed (setup.py ships smallbn_d2 only)
+from benchmarks.children import time_inference  # noqa: E402
+from benchmarks.measure import Timer  # noqa: E402
 
 
 class _Model:

@@ -22,7 +22,7 @@ Time: median over the measured steps of all rounds; norms are interleaved round 
 round runs every norm), so a load change on the machine hits all of them alike. Memory: for each
 norm a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` measures the peak resident memory
 of a step above the memory at its start (activations, gradients, temporaries; see
-``smallbn_d2.benchmark.measure``), after 3 warm-up steps; the maximum over 2 measured steps.
+``benchmarks.measure``), after 3 warm-up steps; the maximum over 2 measured steps.
 
 The result is printed as a Markdown table and written to the ``benchmark_cbn_layer`` section of
 ``--out`` (default ``output/benchmarks/BENCHMARKS.md``; ``--out docs/BENCHMARKS.md`` updates the
@@ -33,7 +33,7 @@ window statistics with projects/CBNStatistics/cbn_statistics.py (section
 ``cbn_subsample_accuracy``).
 
 Run from the repository root: ``python tools/benchmark_cbn_layer.py`` (about 6-8 minutes on 2
-quiet cores). The measurement lives in :mod:`smallbn_d2.benchmark.layer`.
+quiet cores). The measurement lives in :mod:`benchmarks.layer`.
 """
 from __future__ import annotations
 
@@ -48,9 +48,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the package, also when it is not installed
 
 import smallbn_d2  # noqa: E402,F401  (compat fixes, norm names)
-from smallbn_d2.benchmark.layer import measure_memory, run_layer_benchmark, subsample_accuracy  # noqa: E402
-from smallbn_d2.benchmark.measure import memory_env_active, write_doc_section  # noqa: E402
-from smallbn_d2.benchmark.settings import ACCURACY_SECTION, LAYER_NORMS, LAYER_SECTION  # noqa: E402
+from benchmarks.layer import measure_memory, run_layer_benchmark, subsample_accuracy  # noqa: E402
+from benchmarks.measure import memory_env_active, write_doc_section  # noqa: E402
+from benchmarks.settings import ACCURACY_SECTION, LAYER_NORMS, LAYER_SECTION  # noqa: E402
 
 
 #: where the result goes unless ``--out`` says otherwise: an output folder, never a tracked page
@@ -104,7 +104,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.memory_child:
         if not memory_env_active():
-            raise SystemExit("--memory-child must run with MALLOC_MMAP_THRESHOLD_=65536 (see smallbn_d2.benchmark.measure)")
+            raise SystemExit("--memory-child must run with MALLOC_MMAP_THRESHOLD_=65536 (see benchmarks.measure)")
         print(json.dumps(measure_memory(args.memory_child, args)))
         return
     if args.subsample_accuracy:

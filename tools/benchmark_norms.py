@@ -19,7 +19,7 @@ and measures, on this machine (CPU):
 * peak memory: for each (setting, norm) a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536``
   records the peak resident memory during a training step (after warm-up) minus the resident
   memory of the process before the model was built: model, gradients, optimizer state,
-  buffers (CBN's window) and the step's activations and temporaries (see ``smallbn_d2.benchmark.measure``);
+  buffers (CBN's window) and the step's activations and temporaries (see ``benchmarks.measure``);
 * inference s/image in eval mode and after ``smallbn_d2.deploy.convert_to_frozen_bn`` (CBN/MABN/BN
   layers become Detectron2's FrozenBatchNorm2d; GN has no such form): one process per setting
   holds all the models and runs them in rotating order on the same images, so that the
@@ -54,7 +54,7 @@ Markdown tables and written, one section per setting (``benchmark_norms_1x``,
 repository's page; ``--no-write`` to skip) with the command and the machine.
 
 Run from the repository root: ``python tools/benchmark_norms.py`` (see docs/BENCHMARKS.md for
-the expected runtime). The measurement lives in :mod:`smallbn_d2.benchmark` (settings and rows:
+the expected runtime). The measurement lives in :mod:`benchmarks` (settings and rows:
 ``settings``; child processes: ``children``; orchestration: ``runner``; report: ``report``).
 """
 from __future__ import annotations
@@ -67,11 +67,11 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the package, also when it is not installed
 
-from smallbn_d2.benchmark.children import CHILD_MODES, run_child_mode  # noqa: E402
-from smallbn_d2.benchmark.report import inference_summary as _inference_summary  # noqa: E402,F401 (tests)
-from smallbn_d2.benchmark.report import paired_ratio as _paired_ratio  # noqa: E402,F401 (tests)
-from smallbn_d2.benchmark.runner import run_benchmark  # noqa: E402
-from smallbn_d2.benchmark.settings import NORMS, SETTINGS  # noqa: E402
+from benchmarks.children import CHILD_MODES, run_child_mode  # noqa: E402
+from benchmarks.report import inference_summary as _inference_summary  # noqa: E402,F401 (tests)
+from benchmarks.report import paired_ratio as _paired_ratio  # noqa: E402,F401 (tests)
+from benchmarks.runner import run_benchmark  # noqa: E402
+from benchmarks.settings import NORMS, SETTINGS  # noqa: E402
 
 
 #: where the result goes unless ``--out`` says otherwise: an output folder, never a tracked page

@@ -10,28 +10,18 @@ the CUDA tests, short AMP training runs with CBN and MABN, the block- and detect
 benchmarks on CUDA and (with >= 2 GPUs) a two-process step, each with its own time limit;
 ``--output-dir`` receives ``report.md`` (Markdown for docs/BENCHMARKS.md), ``results.json`` and
 ``gpu_check.log``. Without CUDA it stops at once with exit status 2. See ``--help`` and
-docs/BENCHMARKS.md ("GPU"); the work is done by :mod:`smallbn_d2.benchmark.gpu_check`.
+docs/BENCHMARKS.md ("GPU"); the work is done by :mod:`benchmarks.gpu_check`.
 """
 import os
 import sys
-import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # benchmarks/ (not installed): the command runs from a checkout
 
-
-def _import_gpu_check():
-    """:mod:`smallbn_d2.benchmark.gpu_check` WITHOUT running ``smallbn_d2/__init__.py``, which
-    imports torch and Detectron2: on a fresh GPU machine Detectron2 is not installed yet (this
-    command installs it), and without CUDA the refusal must come before any heavy import. The
-    modules it imports use only the standard library."""
-    if "smallbn_d2" not in sys.modules:
-        package = types.ModuleType("smallbn_d2")
-        package.__path__ = [os.path.join(REPO, "smallbn_d2")]
-        sys.modules["smallbn_d2"] = package
-    from smallbn_d2.benchmark import gpu_check
-
-    return gpu_check
-
+# benchmarks.gpu_check and what it imports use only the standard library: on a fresh GPU machine
+# Detectron2 is not installed yet (this command installs it), and without CUDA the refusal comes
+# before any heavy import
+from benchmarks import gpu_check  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(_import_gpu_check().main())
+    sys.exit(gpu_check.main())

@@ -7,7 +7,7 @@ tools/install.sh), from the repository root::
     python tools/prepare_gpu_wheels.py [--dest gpu_wheels] [--python-version 3.12] [--overwrite]
 
 The folder then holds, for CPython 3.12 on manylinux x86_64 (see
-:mod:`smallbn_d2.benchmark.gpu_setup`):
+:mod:`benchmarks.gpu_setup`):
 
 * Detectron2 v0.6 as the pure-Python wheel that ``tools/install_detectron2.py`` builds from the
   ``pb1-detectron2==0.6`` sdist (model-zoo configs and start-up fix included);
@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from smallbn_d2.benchmark import gpu_setup  # noqa: E402
+from benchmarks import gpu_setup  # noqa: E402
 
 
 def log(msg: str) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-from ..layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, NaiveCrossIterationBatchNorm2d
+from smallbn_d2.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, NaiveCrossIterationBatchNorm2d
 from .measure import (
     PeakRSS,
     Timer,

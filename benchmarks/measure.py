@@ -79,8 +79,8 @@ def memory_env_active() -> bool:
 
 
 def _package_root() -> str:
-    """The directory holding the ``smallbn_d2`` package this process imported."""
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    """The repository root: the directory holding ``benchmarks/`` and the ``smallbn_d2`` checkout."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_json_child(script: str, args: Sequence[str], timeout: float, memory: bool = False,
@@ -88,8 +88,8 @@ def run_json_child(script: str, args: Sequence[str], timeout: float, memory: boo
     """Run ``script`` in a child process of this Python; return the JSON dict it prints last.
 
     The child is ``[sys.executable, script, *args]`` (the same interpreter and environment) with
-    this process's ``smallbn_d2`` first on ``PYTHONPATH``, so it imports the same package even
-    when that is not installed; with ``memory`` also :data:`MEMORY_ENV`.
+    the repository root first on ``PYTHONPATH``, so it imports ``benchmarks`` and the checkout's
+    ``smallbn_d2`` even when that is not installed; with ``memory`` also :data:`MEMORY_ENV`.
 
     Args:
         script: path of the Python script to run.

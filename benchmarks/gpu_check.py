@@ -55,7 +55,7 @@ __all__ = ["DEFAULT_BUDGET_S", "REPORT_RESERVE_S", "OUTPUT_FILES", "STAGE_NAMES"
            "cuda_unavailable_reason", "check_output_dir", "device_test_files", "parse_junit", "run_command",
            "run_stage", "build_stages", "machine_info", "parse_args", "main"]
 
-REPO = Path(__file__).resolve().parent.parent.parent
+REPO = Path(__file__).resolve().parent.parent
 #: the whole run, install included, in seconds
 DEFAULT_BUDGET_S = 480
 #: kept free at the end of the budget for writing the report
@@ -350,7 +350,7 @@ def build_stages(python: str, work: Path, gpu_count: int, wheels: Optional[Path]
         wheels: the wheel folder; None: no ``install`` stage (``python`` has everything).
         only: names of the stages to run (default all); the others are left out.
     """
-    gpu = [python, "-m", "smallbn_d2.benchmark.gpu"]
+    gpu = [python, "-m", "benchmarks.gpu"]
     stages: List[Stage] = []
     if wheels is not None:
         venv = work / "venv"

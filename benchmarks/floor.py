@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_weight
 
-from ..layers.base import IterationNormBase
-from ..layers.conv_input import capture_conv_input, pop_conv_input
+from smallbn_d2.layers.base import IterationNormBase
+from smallbn_d2.layers.conv_input import capture_conv_input, pop_conv_input
 from .settings import FLOOR_NORM
 
 __all__ = ["BatchNormWithStatGradCost", "register_floor_norm"]
@@ -55,7 +55,7 @@ class BatchNormWithStatGradCost(IterationNormBase):
 def register_floor_norm() -> None:
     """Register :class:`BatchNormWithStatGradCost` as the norm family :data:`~.settings.FLOOR_NORM`
     (no config section; wired to its producing conv like CBN). Idempotent."""
-    from ..modeling import NormFamily, register_norm, supported_norms
+    from smallbn_d2.modeling import NormFamily, register_norm, supported_norms
 
     if FLOOR_NORM not in supported_norms():
         register_norm(NormFamily(FLOOR_NORM, BatchNormWithStatGradCost))

@@ -361,4 +361,4 @@ def install_commands(python: str, wheel_dir: os.PathLike, gpu_requirements: os.P
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit("smallbn_d2/benchmark/gpu_setup.py is a library; run tools/prepare_gpu_wheels.py or tools/gpu_check.py")
+    sys.exit("benchmarks/gpu_setup.py is a library; run tools/prepare_gpu_wheels.py or tools/gpu_check.py")

@@ -74,7 +74,7 @@ def build_benchmark_model(cfg, setting: str, first_batch):
     same conv weights. In ``1x`` the random frozen-BN backbone is calibrated on ``first_batch``."""
     import torch
 
-    from ..modeling import build_model
+    from smallbn_d2.modeling import build_model
 
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -106,7 +106,7 @@ def train_step(model, optimizer, batch, iteration: int) -> bool:
     import torch
     from detectron2.utils.events import get_event_storage
 
-    from ..modeling import set_norm_iteration
+    from smallbn_d2.modeling import set_norm_iteration
 
     get_event_storage().iter = iteration
     set_norm_iteration(model, iteration)
@@ -123,7 +123,7 @@ def _setup_child(args) -> None:
     with the package (``coco_2017_sample_train``/``_val``, usable as ``--opts`` datasets)."""
     import torch
 
-    from ..data import register_coco_sample
+    from smallbn_d2.data import register_coco_sample
     from .floor import register_floor_norm
 
     if args.threads:
@@ -184,7 +184,7 @@ def child_memory(args) -> Dict:
 
     if not memory_env_active():
         raise SystemExit("memory children must run with MALLOC_MMAP_THRESHOLD_=65536 "
-                         "(see smallbn_d2.benchmark.measure)")
+                         "(see benchmarks.measure)")
     _setup_child(args)
     setting, norm = args.child_setting, args.child_norm
     cfg = make_cfg(args, setting, norm)
@@ -212,8 +212,8 @@ def inference_models(models_by_norm: Dict[str, object], stats_batches: list) -> 
     (``"|eval"``); norms with a FrozenBN form (all but those in ``NO_FROZEN_FORM``, e.g. GN) also
     get a ``convert_to_frozen_bn`` copy (``"|converted"``).
     """
-    from ..deploy import convert_to_frozen_bn
-    from ..engine import update_norm_stats
+    from smallbn_d2.deploy import convert_to_frozen_bn
+    from smallbn_d2.engine import update_norm_stats
 
     out = {}
     for norm, model in models_by_norm.items():

@@ -18,15 +18,15 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Tuple
 
-from ..config import norm_keys
-from ..modeling.norms import frozen_convertible_norms
+from smallbn_d2.config import norm_keys
+from smallbn_d2.modeling.norms import frozen_convertible_norms
 
 __all__ = ["NORMS", "VARIANTS", "FLOOR_NORM", "SETTINGS", "SECTION", "DEFAULT_CONFIG", "BACKBONE_NORM_KEY",
            "NO_FROZEN_FORM", "SUMMARY_NORMS", "TARGETS", "CONVERTED_TOLERANCE",
            "INFERENCE_SAME_AS", "make_cfg", "LAYER_NORMS", "LAYER_DESCRIPTIONS", "LAYER_START_ITER",
            "LAYER_SECTION", "ACCURACY_SECTION"]
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ------------------------------------------------------------------------------ detector level
 #: rows of the detector-level table, in order
@@ -73,7 +73,7 @@ def make_cfg(args, setting: str, norm: str):
     Raises:
         ValueError: unknown ``setting`` (naming the allowed ones).
     """
-    from ..engine import load_config
+    from smallbn_d2.engine import load_config
 
     name, opts = VARIANTS.get(norm, (norm, []))
     opts = list(opts)

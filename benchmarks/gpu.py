@@ -1,6 +1,6 @@
 """The measurements of ``tools/gpu_check.py`` on CUDA, each run as its own child process.
 
-``python -m smallbn_d2.benchmark.gpu MODE --result FILE [options]`` writes one JSON object to
+``python -m benchmarks.gpu MODE --result FILE [options]`` writes one JSON object to
 FILE (the raw numbers; :mod:`.gpu_report` turns them into tables). Modes:
 
 * ``block``: the block-level benchmark of :mod:`.layer` (the same :class:`~.layer.Bench` stacks,
@@ -60,7 +60,7 @@ from typing import Callable, Dict, List, Optional
 __all__ = ["block_benchmark", "detector_benchmark", "detector_rows", "train_run", "train_opts", "SAMPLE_CONFIG",
            "SAMPLE_NORM_KEYS", "main"]
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: the sample Mask R-CNN of the ``train`` mode
 SAMPLE_CONFIG = os.path.join(_REPO, "configs", "quick", "mask_rcnn_R_18_FPN_CBN_small_cpu.yaml")
 #: the norm keys of :data:`SAMPLE_CONFIG`, all set to ``--norm``
@@ -197,7 +197,7 @@ def detector_benchmark(args, emit: Optional[Callable[[Dict], None]] = None) -> D
     from detectron2.solver import build_optimizer
     from detectron2.utils.events import EventStorage
 
-    from ..data import register_coco_sample
+    from smallbn_d2.data import register_coco_sample
     from .children import build_benchmark_model, inference_models, load_batches, rotated, time_inference, train_step
     from .floor import register_floor_norm
     from .settings import INFERENCE_SAME_AS, make_cfg
@@ -300,7 +300,7 @@ def train_run(args) -> Dict:
     Returns:
         the result dict (``returncode`` is train_net.py's exit status).
     """
-    from ..utils.run_metrics import RunNotFoundError, load_run
+    from smallbn_d2.utils.run_metrics import RunNotFoundError, load_run
 
     cmd = [sys.executable, os.path.join(_REPO, "tools", "train_net.py"), "--config-file", SAMPLE_CONFIG,
            "--num-gpus", str(args.num_gpus)]
@@ -330,7 +330,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The child's command line (``--help``)."""
     from .settings import LAYER_NORMS, NORMS, SETTINGS, VARIANTS
 
-    ap = argparse.ArgumentParser(prog="python -m smallbn_d2.benchmark.gpu", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--result", required=True, help="JSON file to write the result to")

@@ -14,6 +14,8 @@ level) and ``tools/benchmark_cbn_layer.py`` (block level).
 * :mod:`.gpu_setup`: the wheel folder and install for a GPU machine without a package index
   (``tools/gpu_check.py``).
 
+Not part of the installed package (setup.py ships ``smallbn_d2`` only): the tools run from a
+checkout and put the repository root on ``sys.path``, as Detectron2's own ``tools/`` do.
 This ``__init__`` imports none of the modules; the measuring modules import Detectron2 only
 inside the functions that need it.
 """
