@@ -9,6 +9,8 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -129,6 +131,17 @@ def test_mabn_batch_statistics_against_autograd():
 
 
 # ------------------------------------------------------------------------------ end to end
+@pytest.mark.parametrize("script", ["projects/CBNStatistics/cbn_statistics.py",
+                                    "projects/MABNStatistics/mabn_statistics.py"])
+def test_scripts_run_as_commands_from_a_checkout(script, tmp_path):
+    """Run as in their READMEs (``python projects/X/x.py``, only the script's folder on sys.path)
+    they find projects/diagnostics_common.py; from another working directory too."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script), "--help"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--output-dir" in proc.stdout and "--dataset" in proc.stdout
+
+
 # keep the end-to-end runs cheap; on the shipped sample, the scripts' default data
 SMALL_RUN = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96"]
 
@@ -137,7 +150,7 @@ def test_diagnostics_train_on_the_shipped_sample_unless_told_otherwise():
     """On a clone the only data is the shipped sample: the scripts' default; --dataset names
     another registered set (e.g. Detectron2's coco_2017_train), an unknown one is refused."""
     from smallbn_d2.data import DatasetNotRegisteredError
-    from smallbn_d2.utils.diagnostics import build_bn_config
+    from diagnostics_common import build_bn_config  # projects/, put on sys.path by the scripts
 
     for module in (cbn_stats, mabn_stats):
         assert module.parse_args([]).dataset == "coco_2017_sample_train"
@@ -154,6 +167,7 @@ def _finite_nonneg(values):
     return all(math.isfinite(v) and v >= 0 for v in values)
 
 
+@pytest.mark.slow
 def test_cbn_statistics_script_end_to_end(tmp_path):
     out = str(tmp_path / "cbn")
     layers = ["backbone.bottom_up.res3.0.conv1", "roi_heads.box_head.conv2"]
@@ -181,6 +195,7 @@ def test_cbn_statistics_script_end_to_end(tmp_path):
         cbn_stats.main(["--iters", "3", "--output-dir", out])
 
 
+@pytest.mark.slow
 def test_mabn_statistics_script_end_to_end(tmp_path):
     out = str(tmp_path / "mabn")
     res = mabn_stats.main(["--iters", "3", "--buffer-size", "2", "--probe-every", "2", "--large-batch", "4",

@@ -38,7 +38,7 @@ Outputs (in ``--output-dir``): ``cbn_statistics.md`` (Markdown tables, also prin
 the probes per (layer, k), and per probe at k = K), ``cbn_statistics.png`` (error vs k per
 estimator), ``cbn_statistics.json`` (all numbers per probe). A non-empty ``--output-dir`` is
 refused unless ``--overwrite`` is given. The training set-up, the command line and the output
-handling shared with MABNStatistics are in :mod:`smallbn_d2.utils.diagnostics`.
+handling shared with MABNStatistics are in ``projects/diagnostics_common.py``.
 
 Usage (from the repository root)::
 
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import deque
 from typing import Dict, List, Optional, Sequence
@@ -57,7 +58,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from smallbn_d2.layers.cbn_grad import check_supported_conv, stat_grads_closed_form
-from smallbn_d2.utils.diagnostics import (
+# projects/ (the folder above this script's) holds what both diagnostics share; a script run as
+# ``python projects/X/x.py`` has only its own folder on sys.path
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from diagnostics_common import (  # noqa: E402
     DEFAULT_DATASET,
     add_common_options,
     check_finite_loss,

@@ -32,7 +32,7 @@ Outputs (in ``--output-dir``): ``mabn_statistics.md`` (Markdown table, also prin
 large batch; as the paper's figures), ``mabn_statistics_error.png`` (relative errors at the
 probes), ``mabn_statistics.json``. A non-empty ``--output-dir`` is refused unless ``--overwrite``.
 The training set-up, the command line and the output handling shared with CBNStatistics are in
-:mod:`smallbn_d2.utils.diagnostics`.
+``projects/diagnostics_common.py``.
 
 Usage (from the repository root)::
 
@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections import deque
 from typing import Dict, List, Optional, Sequence
@@ -50,7 +51,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from smallbn_d2.utils.diagnostics import (
+# projects/ (the folder above this script's) holds what both diagnostics share; a script run as
+# ``python projects/X/x.py`` has only its own folder on sys.path
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from diagnostics_common import (  # noqa: E402
     DEFAULT_DATASET,
     add_common_options,
     check_finite_loss,

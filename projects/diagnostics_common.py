@@ -51,9 +51,9 @@ def build_bn_config(config_file: str, iters: int, lr: Optional[float] = None, op
         DatasetNotRegisteredError, DatasetsNotFoundError: the training set is not registered, or
             its files are missing (:func:`smallbn_d2.data.check_datasets_exist`).
     """
-    from ..config import norm_keys
-    from ..data import check_datasets_exist, register_coco_sample
-    from ..engine import load_config
+    from smallbn_d2.config import norm_keys
+    from smallbn_d2.data import check_datasets_exist, register_coco_sample
+    from smallbn_d2.engine import load_config
 
     register_coco_sample()
     overrides = []
@@ -95,7 +95,7 @@ def setup_training(config_file: str, iters: int, lr: Optional[float], seed: int,
     from detectron2.solver import build_lr_scheduler, build_optimizer
     from detectron2.utils.env import seed_all_rng
 
-    from ..modeling import build_model
+    from smallbn_d2.modeling import build_model
 
     seed_all_rng(seed)
     if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
@@ -190,8 +190,8 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
         smallbn_d2.engine.OutputDirExistsError (a ``FileExistsError``): naming the directory,
             what it holds, and ``--output-dir`` / ``--overwrite``.
     """
-    from ..engine import OutputDirExistsError
-    from ..engine import check_output_dir as guard
+    from smallbn_d2.engine import OutputDirExistsError
+    from smallbn_d2.engine import check_output_dir as guard
 
     try:
         guard(output_dir, allow_existing=overwrite)
