@@ -1,6 +1,7 @@
-"""Every Python and bash code block of README.md runs as printed on a clone.
+"""Every Python and bash code block of README.md and of the docs pages it hands over to
+(:data:`PAGES`) runs as printed on a clone.
 
-The blocks are read from README.md itself, so the test and the page cannot drift apart. Each
+The blocks are read from the pages themselves, so the test and the pages cannot drift apart. Each
 block runs in a fresh working directory that holds the repository's ``configs/`` and ``tools/``
 (links) and ``.venv`` (a link to the running environment), so that relative paths resolve as from
 the repository root and the outputs (``output/...``) land in a temporary folder: a Python block as
@@ -8,10 +9,14 @@ a script of the running interpreter, a bash block with ``bash -e`` and the envir
 first on ``PATH`` (so that ``python`` is the environment's). After the block, a check reads what it
 produced (the trained model's layers, its output files). Blocks that install software or need GPUs
 or the full COCO are not run: :data:`NOT_RUN` names each with the reason, and a block that is
-neither run nor listed fails the test.
+neither run nor listed fails the test. The deployment and export blocks work on the main job's
+own ``output/main_job/model_final.pth``: a set-up step (not part of the block) trains the main
+job's config for 2 iterations to produce it, once per test session, and copies it into the
+block's folder.
 """
 import os
 import re
+import shutil
 import subprocess
 import sys
 from typing import List, Tuple
@@ -22,7 +27,10 @@ pytestmark = pytest.mark.integration
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: README blocks that are not run, each identified by a text it contains, with the reason.
+#: The pages whose blocks are run: README.md and the pages that took over its longer sections.
+PAGES = ("README.md", "docs/INSTALL.md", "docs/TRAINING.md", "docs/CONVERT_NORM.md", "docs/TESTING.md")
+
+#: Blocks that are not run, each identified by a text it contains, with the reason.
 NOT_RUN = {
     "bash tools/install.sh && .venv/bin/python tools/train_net.py":
         "the two commands: install, the full main job (about 5 min) and the whole test suite; CI runs them",
@@ -32,11 +40,14 @@ NOT_RUN = {
     "configs/lazy/mask_rcnn_R_50_FPN_CBN.py --num-gpus 8": "needs 8 GPUs and COCO 2017",
     ".venv/bin/python tools/train_net.py --num-gpus 8 \\\n    --config-file": "needs 8 GPUs and COCO 2017",
     "for norm in SyncBN GN CBN MABN": "needs 8 GPUs and COCO 2017 (four 1x trainings)",
-    "--weights output/mask_rcnn_CBN_1x/model_final.pth":
-        "converts the model of the 8-GPU COCO run above (tests/test_chain_e2e.py chains the tools on a short run)",
-    "--export-method tracing --format torchscript": "exports a trained model given by MODEL.WEIGHTS "
-                                                    "(tests/test_chain_e2e.py chains the tools on a short run)",
+    "-m pytest tests -m": "runs (part of) the test suite itself",
 }
+
+#: Text of a block that works on the main job's outputs: it runs after the set-up step.
+NEEDS_MAIN_JOB = "output/main_job/model_final.pth"
+#: The set-up step: the main job's config, trained briefly, without evaluation (not in any block).
+MAIN_JOB_SETUP = ["tools/train_net.py", "--config-file", "configs/quick/mask_rcnn_R_18_FPN_CBN_small_cpu.yaml",
+                  "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()"]
 
 _BLOCK = re.compile(r"^```(python|bash)[ \t]*\n(.*?)^```", re.S | re.M)
 
@@ -46,8 +57,8 @@ def readme_blocks(text: str) -> List[Tuple[int, str, str]]:
     return [(text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2)) for m in _BLOCK.finditer(text)]
 
 
-def _readme() -> str:
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+def _page(name: str) -> str:
+    with open(os.path.join(REPO, name), encoding="utf-8") as f:
         return f.read()
 
 
@@ -56,8 +67,8 @@ def _not_run_reason(code: str):
     return reasons[0] if reasons else None
 
 
-BLOCKS = readme_blocks(_readme())
-RUN = [(line, lang, code) for line, lang, code in BLOCKS if _not_run_reason(code) is None]
+BLOCKS = [(f"{page}:{line}", lang, code) for page in PAGES for line, lang, code in readme_blocks(_page(page))]
+RUN = [(where, lang, code) for where, lang, code in BLOCKS if _not_run_reason(code) is None]
 
 
 def test_block_reader_finds_python_and_bash_blocks_only():
@@ -68,9 +79,11 @@ def test_block_reader_finds_python_and_bash_blocks_only():
 def test_every_exclusion_names_one_block():
     """A stale entry of NOT_RUN (its block changed or is gone) would silently stop excluding."""
     for key in NOT_RUN:
-        hits = [line for line, _, code in BLOCKS if key in code]
-        assert len(hits) == 1, f"NOT_RUN key {key!r} matches README blocks at lines {hits}"
-    assert len(RUN) >= 6, f"only {len(RUN)} README blocks are run"
+        hits = [where for where, _, code in BLOCKS if key in code]
+        assert len(hits) == 1, f"NOT_RUN key {key!r} matches the blocks at {hits}"
+    assert len(RUN) >= 8, f"only {len(RUN)} blocks are run"
+    readme_run = [where for where, _, _ in RUN if where.startswith("README.md:")]
+    assert len(readme_run) >= 4, f"only {readme_run} of README.md are run"
 
 
 def _workdir(tmp_path):
@@ -81,6 +94,22 @@ def _workdir(tmp_path):
         os.symlink(os.path.join(REPO, name), work / name)
     os.symlink(sys.prefix, work / ".venv")  # .venv/bin/python: the running environment
     return work
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+
+
+@pytest.fixture(scope="session")
+def main_job_output(tmp_path_factory):
+    """``output/main_job/`` of a 2-iteration run of the main job's config (the set-up step)."""
+    work = _workdir(tmp_path_factory.mktemp("main_job"))
+    proc = subprocess.run([sys.executable] + MAIN_JOB_SETUP, cwd=str(work), env=_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, f"set-up step failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    out = work / "output" / "main_job"
+    assert (out / "model_final.pth").is_file()
+    return out
 
 
 # Checks of what a block produced: (text the block contains, check(workdir, stdout) -> None).
@@ -115,7 +144,22 @@ def _check_tiny_lazy(work, out):
         run / "log.txt").read_text()
 
 
+def _check_deploy(work, out):
+    for name in ("main_job_frozen", "main_job_folded"):
+        assert (work / "deploy" / f"{name}.pth").is_file() and (work / "deploy" / f"{name}.yaml").is_file()
+    # the eval-only of the folded checkpoint: Detectron2's COCO table on the sample's val images
+    results = work / "deploy" / "main_job_folded_eval" / "inference"
+    found = sorted(p.parent.name for p in results.rglob("coco_instances_results.json"))
+    assert found == ["coco_2017_sample_train", "coco_2017_sample_val"], found
+
+
+def _check_export(work, out):
+    assert (work / "exported" / "model.ts").is_file()
+
+
 CHECKS = [
+    ("--output deploy/main_job_folded.pth --fold", _check_deploy, ""),
+    ("--format torchscript --fold --output exported/", _check_export, ""),
     ("class MyTrainer(DefaultTrainer)", _check_detectron2_trainer, (
         "\nfrom smallbn_d2.layers import CrossIterationBatchNorm2d\n"
         "layers = [m for m in trainer.model.modules() if isinstance(m, CrossIterationBatchNorm2d)]\n"
@@ -142,11 +186,14 @@ def _check_for(code):
     return found[0]
 
 
-@pytest.mark.parametrize("line,lang,code", RUN, ids=[f"README.md:{line}" for line, _, _ in RUN])
-def test_readme_block_runs_as_printed(line, lang, code, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("where,lang,code", RUN, ids=[where for where, _, _ in RUN])
+def test_readme_block_runs_as_printed(where, lang, code, tmp_path, request):
     check, extra = _check_for(code)
     work = _workdir(tmp_path)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    if NEEDS_MAIN_JOB in code:
+        shutil.copytree(request.getfixturevalue("main_job_output"), work / "output" / "main_job")
+    env = _env()
     if lang == "python":
         script = tmp_path / "example.py"
         script.write_text(code + extra)
@@ -155,5 +202,5 @@ def test_readme_block_runs_as_printed(line, lang, code, tmp_path):
         assert not extra
         cmd = ["bash", "-e", "-c", code]
     proc = subprocess.run(cmd, cwd=str(work), env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"README.md:{line} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"{where} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     check(work, proc.stdout)
