@@ -462,12 +462,18 @@ def save_inference_checkpoint(model: nn.Module, path: str, fold: bool, overwrite
     written atomically (temporary file, then renamed) with the mode of :func:`new_file_mode`.
 
     Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        FileExistsError: ``path`` exists and ``overwrite`` is False (a local path: smallbn_d2's
+            output guard, :func:`smallbn_d2.engine.check_output_dir`).
     """
     from detectron2.utils.file_io import PathManager
 
-    if PathManager.exists(path) and not overwrite:
-        raise FileExistsError(f"{path!r} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
+    if "://" not in path:
+        from .engine.defaults import check_output_dir  # the engine imports this module
+
+        check_output_dir(os.path.dirname(path) or ".", files=[os.path.basename(path)], allow_existing=overwrite,
+                         way_out="overwrite=True")
+    elif PathManager.exists(path) and not overwrite:
+        raise FileExistsError(f"{path!r} exists; refusing to overwrite it; allowed: a new path, or overwrite=True")
     data = {"model": model.state_dict(), METADATA_KEY: {"fold": bool(fold)}}
     with AtomicPathManager(PathManager).open(path, "wb") as f:
         torch.save(data, f)

@@ -196,8 +196,11 @@ def trace_model(model: nn.Module, image: torch.Tensor) -> ExportedModel:
 
 
 def _refuse_existing(path: str, overwrite: bool) -> None:
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path!r} exists; refusing to overwrite it (choose another output or overwrite=True)")
+    """smallbn_d2's output guard for one file (:func:`smallbn_d2.engine.check_output_dir`)."""
+    from .engine.defaults import check_output_dir
+
+    check_output_dir(os.path.dirname(path) or ".", files=[os.path.basename(path)], allow_existing=overwrite,
+                     way_out="overwrite=True")
 
 
 def _write_atomically(path: str, write: Callable[[str], None]) -> None:

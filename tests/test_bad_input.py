@@ -224,3 +224,48 @@ def test_evaluating_another_model_never_writes_into_a_training_run(tmp_path):
     check_output_dir(str(tmp_path / "fresh"), eval_only=True, weights=str(converted))  # a new folder
     with pytest.raises(OutputDirExistsError, match="--resume"):
         check_output_dir(str(run))  # a new training run there
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"smallbn_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_output_guard_for_named_files_and_every_tool(tmp_path, capsys):
+    """The tools that write named files (convert_for_inference, export_model, compare_runs) share
+    check_output_dir's rules with the training tools: the folder's other content is left alone,
+    an existing output file is refused unless overwriting is asked for, a file where the folder
+    should be (or a folder where a file should be) is refused in any case; nothing is written."""
+    from smallbn_d2.engine import OutputDirExistsError, check_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    names = ["m.pth", "m.yaml"]
+    check_output_dir(str(out), files=names)  # other files in the folder: fine
+    (out / "m.yaml").write_text("old")
+    with pytest.raises(OutputDirExistsError, match=r"m\.yaml' exists; refusing to overwrite it\. Choose another "
+                                                   r"output, or pass --overwrite\.$"):
+        check_output_dir(str(out), files=names, way_out="--overwrite")
+    check_output_dir(str(out), files=names, allow_existing=True)
+    assert (out / "m.yaml").read_text() == "old" and sorted(os.listdir(out)) == ["m.yaml", "notes.txt"]
+    (out / "m.pth").mkdir()
+    with pytest.raises(OutputDirExistsError, match="a folder where a file is to be written"):
+        check_output_dir(str(out), files=names, allow_existing=True)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for kwargs in ({}, {"allow_existing": True}, {"files": names, "allow_existing": True}):
+        with pytest.raises(OutputDirExistsError, match="is a file"):
+            check_output_dir(str(a_file), **kwargs)
+
+    # each tool refuses before it reads anything (the inputs named here do not exist)
+    with pytest.raises(SystemExit, match="is a file"):
+        _load_tool("compare_runs").main([str(tmp_path / "no_run"), "--output-dir", str(a_file), "--overwrite"])
+    assert _load_tool("export_model").main(["--config-file", "none.yaml", "--output", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    convert = ["--config-file", "none.yaml", "--weights", "none.pth", "--output", str(out / "m.pth"), "--overwrite"]
+    assert _load_tool("convert_for_inference").main(convert) == 2
+    assert "a folder where a file is to be written" in capsys.readouterr().err
+    assert a_file.read_text() == "mine" and sorted(os.listdir(out)) == ["m.pth", "m.yaml", "notes.txt"]

@@ -16,7 +16,8 @@ import argparse
 import os
 import sys
 
-from smallbn_d2.utils.compare import comparison_markdown, ensure_new_files, plot_ap, plot_losses
+from smallbn_d2.engine import check_output_dir
+from smallbn_d2.utils.compare import comparison_markdown, plot_ap, plot_losses
 from smallbn_d2.utils.run_metrics import load_run
 
 
@@ -36,9 +37,10 @@ def main(argv=None):
     names = args.names or [os.path.basename(os.path.normpath(r)) for r in args.runs]
     if len(set(names)) != len(names):  # same directory names: label by the last two path parts
         names = [os.path.join(*os.path.normpath(os.path.abspath(r)).split(os.sep)[-2:]) for r in args.runs]
-    files = [os.path.join(args.output_dir, f) for f in ("comparison.md", "ap_vs_iter.png", "loss_curves.png")]
+    names_out = ("comparison.md", "ap_vs_iter.png", "loss_curves.png")
+    files = [os.path.join(args.output_dir, f) for f in names_out]
     try:
-        ensure_new_files(files, args.overwrite)
+        check_output_dir(args.output_dir, files=names_out, allow_existing=args.overwrite, way_out="--overwrite")
         runs = [load_run(d, n) for d, n in zip(args.runs, names)]
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         sys.exit(f"compare_runs.py: error: {e}")

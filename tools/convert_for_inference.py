@@ -35,6 +35,7 @@ import os
 import sys
 
 from smallbn_d2 import ConfigValueError
+from smallbn_d2.engine import OutputDirExistsError, check_output_dir
 from smallbn_d2.deploy import (
     IncompatibleCheckpointError,
     build_training_model,
@@ -91,11 +92,12 @@ def main(argv=None) -> int:
     args = argument_parser().parse_args(argv)
     out = args.output
     out_yaml = os.path.splitext(out)[0] + ".yaml"
-    if not args.overwrite:
-        for path in (out, out_yaml):
-            if os.path.exists(path):
-                print(f"error: {path!r} exists; refusing to overwrite it (pass --overwrite)", file=sys.stderr)
-                return 2
+    try:
+        check_output_dir(os.path.dirname(out) or ".", files=[os.path.basename(out), os.path.basename(out_yaml)],
+                         allow_existing=args.overwrite, way_out="--overwrite")
+    except OutputDirExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if os.path.abspath(out) == os.path.abspath(args.weights):
         print(f"error: --output {out!r} is the --weights file; choose another output", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ import torch
 
 from smallbn_d2 import ConfigValueError
 from smallbn_d2.checkpoint import read_conversion_metadata
+from smallbn_d2.engine import OutputDirExistsError, check_output_dir
 from smallbn_d2.deploy import (
     IncompatibleCheckpointError,
     build_training_model,
@@ -132,8 +133,10 @@ def _differences(ref, out):
 def main(argv=None) -> int:
     args = argument_parser().parse_args(argv)
     path = os.path.join(args.output, OUTPUT_FILES[args.format])
-    if os.path.exists(path):
-        print(f"error: {path!r} exists; refusing to overwrite it (choose another --output)", file=sys.stderr)
+    try:
+        check_output_dir(args.output, files=[OUTPUT_FILES[args.format]], way_out="")
+    except OutputDirExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.format == "onnx" and onnx_available():
         print(f"error: --format onnx: {onnx_available()}", file=sys.stderr)

@@ -23,7 +23,7 @@ __all__ = ["OutputDirExistsError", "ConfigKeyError", "USER_ERRORS", "check_outpu
 
 
 class OutputDirExistsError(FileExistsError):
-    """A new training run was pointed at a non-empty output directory."""
+    """An output folder or file holds what a tool would overwrite (:func:`check_output_dir`)."""
 
 
 class ConfigKeyError(ConfigValueError):
@@ -131,20 +131,55 @@ def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
 
 
 def check_output_dir(output_dir: str, resume: bool = False, eval_only: bool = False,
-                     allow_existing: bool = False, weights: str = "") -> None:
-    """Refuse to write into another run's output directory.
+                     allow_existing: bool = False, weights: str = "", files: Sequence[str] = (),
+                     way_out: str = "--allow-existing-output-dir") -> None:
+    """Refuse to write over what a user has in an output folder: the one output guard of the
+    tools (``train_net``, ``lazyconfig_train_net``, ``convert_for_inference``, ``export_model``,
+    ``compare_runs``). Checks only; creates and writes nothing.
 
-    * A new training run in a non-empty directory would overwrite ``last_checkpoint``,
-      ``metrics.json`` and the checkpoints of the run already there: refused unless ``resume``
-      (continue that run) or ``allow_existing``.
-    * An evaluation (``eval_only``) in the directory of a training run (it holds
-      ``last_checkpoint``) would replace its ``config.yaml`` and add to its inference results:
-      allowed for that run's own checkpoints (``weights`` inside ``output_dir``), refused for
-      another model (e.g. a converted one) unless ``allow_existing``.
+    Rules, by what the tool writes:
 
+    * Always: ``output_dir`` must be a folder or not exist yet (a file there is refused, even with
+      ``allow_existing``), and so must every path a tool writes be a file or not exist.
+    * Named files (``files`` given: a converted checkpoint and its YAML, an exported model, the
+      comparison table and plots): refused if any of them exists in ``output_dir``, unless
+      ``allow_existing``; the folder's other content is never touched, so it does not matter.
+    * A run folder (``files`` empty: training writes ``last_checkpoint``, ``metrics.json``,
+      checkpoints, ``config.yaml``): a new run in a non-empty folder is refused unless ``resume``
+      (continue the run there) or ``allow_existing``. An evaluation (``eval_only``) in the folder
+      of a training run (it holds ``last_checkpoint``) would replace its ``config.yaml`` and add to
+      its inference results: allowed for that run's own checkpoints (``weights`` inside
+      ``output_dir``), refused for another model (e.g. a converted one) unless ``allow_existing``.
+
+    Args:
+        output_dir: the output folder.
+        resume: the run continues the one in ``output_dir`` (run folders only).
+        eval_only: the run only evaluates ``weights`` (run folders only).
+        allow_existing: write anyway (what ``way_out`` sets on the command line).
+        weights: the checkpoint an ``eval_only`` run evaluates.
+        files: the names (relative to ``output_dir``) of the files the tool writes, if it writes
+            only these.
+        way_out: the command-line option that sets ``allow_existing``, named in the message
+            (``"--overwrite"`` for the tools that write named files); ``""`` if the tool has none.
     Raises:
-        OutputDirExistsError: naming the directory, what it holds and the ways out.
+        OutputDirExistsError (a ``FileExistsError``): one line naming the folder or files, what
+            is there and the ways out.
     """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise OutputDirExistsError(f"Output directory {output_dir!r} is a file; allowed: a new or existing folder")
+    option = f", or pass {way_out}" if way_out else ""
+    if files:
+        paths = [os.path.join(output_dir, f) for f in files]
+        folders = [p for p in paths if os.path.isdir(p)]
+        if folders:
+            raise OutputDirExistsError(f"{', '.join(repr(p) for p in folders)}: a folder where a file is to be "
+                                       "written; allowed: a new file. Choose another output")
+        existing = [p for p in paths if os.path.exists(p)]
+        if existing and not allow_existing:
+            verb, them = ("exists", "it") if len(existing) == 1 else ("exist", "them")
+            raise OutputDirExistsError(f"{', '.join(repr(p) for p in existing)} {verb}; refusing to overwrite {them}. "
+                                       f"Choose another output{option}.")
+        return
     if allow_existing or not os.path.isdir(output_dir):
         return
     content = sorted(os.listdir(output_dir))
@@ -154,7 +189,7 @@ def check_output_dir(output_dir: str, resume: bool = False, eval_only: bool = Fa
             raise OutputDirExistsError(
                 f"Output directory {output_dir!r} holds a training run, and MODEL.WEIGHTS = {weights!r} is not one "
                 "of its checkpoints: evaluating another model there would replace the run's config.yaml and mix "
-                "its results. Set OUTPUT_DIR to another folder, or pass --allow-existing-output-dir."
+                f"its results. Set OUTPUT_DIR to another folder{option}."
             )
         return
     if resume or not content:
@@ -162,8 +197,8 @@ def check_output_dir(output_dir: str, resume: bool = False, eval_only: bool = Fa
     shown = ", ".join(content[:6]) + (", ..." if len(content) > 6 else "")
     raise OutputDirExistsError(
         f"Output directory {output_dir!r} is not empty ({shown}). Refusing to start a new run that "
-        "would overwrite it. Use --resume to continue that run, choose another OUTPUT_DIR, or pass "
-        "--allow-existing-output-dir to write into it anyway."
+        f"would overwrite it. Use --resume to continue that run, choose another OUTPUT_DIR{option}"
+        f"{' to write into it anyway' if way_out else ''}."
     )
 
 

@@ -6,7 +6,6 @@ Used by ``tools/compare_runs.py``. Tables are GitHub Markdown (``tabulate``), pl
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, List, Optional, Sequence
 
 from tabulate import tabulate
@@ -15,7 +14,7 @@ from .published import PublishedResult, published_for
 from .run_metrics import METRICS, TASKS, Run
 
 __all__ = ["TASK_TITLES", "HEADERS", "task_rows", "markdown_table", "comparison_markdown", "plot_ap",
-           "plot_losses", "ensure_new_files"]
+           "plot_losses"]
 
 TASK_TITLES = {"bbox": "Box AP (bbox)", "segm": "Mask AP (segm)"}
 _COST = ["train s/iter", "peak mem (MB)", "inference s/img"]
@@ -168,15 +167,3 @@ def plot_losses(runs: Sequence[Run], path: str) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def ensure_new_files(paths: Sequence[str], overwrite: bool) -> None:
-    """Refuse to overwrite existing files unless ``overwrite``.
-
-    Raises:
-        FileExistsError: naming the existing files and the ``--overwrite`` way out.
-    """
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist(s); refusing to overwrite. "
-                              "Choose another --output-dir or pass --overwrite.")
