@@ -4,8 +4,9 @@
 FILE (the raw numbers; :mod:`.gpu_report` turns them into tables). Modes:
 
 * ``block``: the block-level benchmark of :mod:`.layer` (the same :class:`~.layer.Bench` stacks,
-  moved to the device): forward + backward time per step, rows interleaved round by round, with
-  ``torch.cuda.synchronize()`` before and after every timed step; peak step memory = the
+  moved to the device): forward + backward time per step, rows interleaved round by round, each
+  round's time per step the median of ``torch.utils.benchmark.Timer.timeit`` (which synchronizes
+  CUDA around its runs) over ``--iters`` steps; peak step memory = the
   largest ``torch.cuda.max_memory_allocated`` during a step above ``memory_allocated`` at its
   start. Result: ``{"device", "shape", "depth", "window", "norms", "times": {row: [s]},
   "peak_bytes": {row: bytes}, "state_bytes": {row: bytes}, "rounds", "iters", "warmup"}``.
@@ -100,6 +101,7 @@ def block_benchmark(args) -> Dict:
             ``window``, ``depth``, ``batch``, ``size`` (as :class:`.layer.Bench`), ``warmup``
             (steps per row first, >= k - 1), ``rounds``, ``iters`` (timed steps per row and round).
     Returns:
+        ``times``: per row, one median s/step per round.
         the result dict (times in seconds, memory in bytes; ``peak_bytes`` empty on the CPU).
     """
     import torch
@@ -132,16 +134,13 @@ def block_benchmark(args) -> Dict:
                 _sync(device)
                 ps.append(torch.cuda.max_memory_allocated(device) - start)
             peaks[n] = max(ps)
+    from torch.utils.benchmark import Timer
+
     times: Dict[str, List[float]] = {n: [] for n in args.norms}
-    for _ in range(args.rounds):
+    for _ in range(args.rounds):  # rows interleaved round by round
         for n, b in benches.items():
-            b.zero_grad()
-            b.step()  # one unmeasured step per round, as the CPU benchmark
-            for _ in range(args.iters):
-                b.zero_grad()
-                with _timer(device) as tm:
-                    b.step()
-                times[n].append(tm.s)
+            timer = Timer("b.zero_grad(); b.step()", globals={"b": b}, num_threads=torch.get_num_threads())
+            times[n].append(timer.timeit(args.iters).median)
     return {"device": str(device), "shape": [args.batch, args.channels, args.size, args.size], "depth": args.depth,
             "window": args.window, "norms": list(args.norms), "times": times, "peak_bytes": peaks,
             "state_bytes": {n: state_bytes(n, args) for n in args.norms}, "rounds": args.rounds, "iters": args.iters,

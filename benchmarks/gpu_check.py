@@ -15,8 +15,9 @@ Stages (:func:`build_stages`), in this order:
 1. ``install`` (with ``--wheels DIR``): a venv in the work folder with the system's packages
    (its torch) visible, Detectron2 and the other requirements from DIR offline, smallbn_d2
    editable from this working tree, then an import check (:mod:`.gpu_setup`);
-2. ``cuda_tests``: ``pytest -k cuda`` on the test files that use the ``device`` fixture, with
-   the pass/fail counts (:func:`parse_junit`);
+2. ``cuda_tests``: ``pytest tests -k cuda`` (the device-parametrized tests on CUDA); pytest's
+   summary line is the result, and a run in which no test passed fails (a GPU that pytest does
+   not see makes every CUDA test skip);
 3. ``train_cbn_amp``, ``train_mabn_amp``: short training runs of the sample Mask R-CNN with CBN
    and MABN under AMP (fp16), finite losses and COCO AP (:mod:`.gpu`, ``train``);
 4. ``block``: the block-level benchmark on CUDA;
@@ -43,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -52,7 +52,7 @@ from . import gpu_setup
 from .gpu_report import build_report
 
 __all__ = ["DEFAULT_BUDGET_S", "REPORT_RESERVE_S", "OUTPUT_FILES", "STAGE_NAMES", "Stage", "OutputDirError",
-           "cuda_unavailable_reason", "check_output_dir", "device_test_files", "parse_junit", "run_command",
+           "cuda_unavailable_reason", "check_output_dir", "pytest_summary", "run_command",
            "run_stage", "build_stages", "machine_info", "parse_args", "main"]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,7 +82,8 @@ class Stage:
             the stage is skipped.
         result_file: JSON that the steps write; loaded into the record's ``data`` even when a
             step failed or timed out (partial results).
-        parse: ``parse(record) -> (data, message, ok)`` run after the steps (e.g. JUnit counts);
+        parse: ``parse(record) -> (data, message, ok)`` run after the steps (e.g. pytest's summary;
+            the record's ``"log"`` and ``"log_offset"`` locate the stage's output);
             ``ok`` False marks a stage whose steps exited 0 as failed.
         skip: a reason to skip the stage without running it.
     """
@@ -142,40 +143,22 @@ def check_output_dir(path: os.PathLike, overwrite: bool) -> Path:
     return p
 
 
-def device_test_files(tests_dir: os.PathLike) -> List[str]:
-    """Test files (relative to the repository) with a test that takes the ``device`` fixture."""
-    pattern = re.compile(r"def test_\w+\([^)]*\bdevice\b", re.S)
-    return [os.path.relpath(p, REPO) for p in sorted(Path(tests_dir).glob("test_*.py")) if pattern.search(p.read_text())]
+_SUMMARY = re.compile(r"\b(\d+) passed\b")
 
 
-_CUDA_PARAM = re.compile(r"\[[^\]]*\bcuda\b[^\]]*\]$")
-
-
-def parse_junit(path: os.PathLike) -> Dict:
-    """Counts of a pytest JUnit XML file, split into tests whose parameter id names ``cuda``
-    (the device-parametrized tests on CUDA) and the others.
-
-    Returns:
-        ``{"cuda": {"total", "passed", "failed", "skipped"}, "other": {...}, "failed_tests":
-        [node names]}``; errors count as failures.
-    Raises:
-        FileNotFoundError, xml.etree.ElementTree.ParseError: no or no valid file.
-    """
-    root = ET.parse(path).getroot()
-    counts = {k: {"total": 0, "passed": 0, "failed": 0, "skipped": 0} for k in ("cuda", "other")}
-    failed = []
-    for case in root.iter("testcase"):
-        name = case.get("name", "")
-        c = counts["cuda" if _CUDA_PARAM.search(name) else "other"]
-        c["total"] += 1
-        if case.find("failure") is not None or case.find("error") is not None:
-            c["failed"] += 1
-            failed.append(f"{case.get('classname', '')}::{name}")
-        elif case.find("skipped") is not None:
-            c["skipped"] += 1
-        else:
-            c["passed"] += 1
-    return {"cuda": counts["cuda"], "other": counts["other"], "failed_tests": failed}
+def pytest_summary(log_path: os.PathLike, offset: int = 0) -> tuple:
+    """``(data, message, ok)`` of a ``pytest -q`` run whose output was appended to ``log_path``
+    after byte ``offset``: pytest's own summary line (``"12 passed, 600 deselected in 9.1s"``);
+    ``ok`` only when at least one test passed (with no GPU visible, every CUDA test skips and
+    pytest still exits 0)."""
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        lines = [line.strip(" =") for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    summary = next((line for line in reversed(lines) if " in " in line and re.search(r"\d+ \w+", line)), "")
+    passed = int(_SUMMARY.search(summary).group(1)) if _SUMMARY.search(summary) else 0
+    if not passed:
+        return {"summary": summary}, f"no CUDA test passed ({summary or 'no pytest summary'}): does pytest see the GPU?", False
+    return {"summary": summary}, summary, True
 
 
 # ------------------------------------------------------------------------------------ running
@@ -258,6 +241,7 @@ def run_stage(stage: Stage, log, deadline: float, env: Optional[Dict[str, str]] 
     rec["limit_s"] = round(limit, 1)
     t0 = clock()
     _write(log, f"\n===== stage {stage.name}: {stage.title} (limit {limit:.0f} s) =====\n")
+    stage_offset = log.tell()
     for step in stage.steps:
         remaining = t0 + limit - clock()
         _write(log, f"+ {getattr(step, '__name__', 'step')}\n" if callable(step)
@@ -293,7 +277,7 @@ def run_stage(stage: Stage, log, deadline: float, env: Optional[Dict[str, str]] 
             rec["message"] = (rec["message"] + "; " if rec["message"] else "") + f"unreadable result file ({e})"
     if stage.parse is not None:
         try:
-            data, message, ok = stage.parse(rec)
+            data, message, ok = stage.parse(dict(rec, log=log.name, log_offset=stage_offset))
             rec["data"].update(data)
             if rec["status"] == "passed" and not ok:
                 rec["status"] = "failed"
@@ -326,18 +310,6 @@ print(json.dumps(out, indent=1))
 """
 
 
-def _pytest_parse(junit: str, files: Sequence[str]) -> Callable[[Dict], tuple]:
-    """The ``cuda_tests`` stage's parse: JUnit counts; no CUDA test passing is a failure."""
-    def parse(rec: Dict) -> tuple:
-        data = dict(parse_junit(junit), files=list(files))
-        c = data["cuda"]
-        message = f"{c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped"
-        if c["passed"] == 0:
-            return data, f"no CUDA test passed ({message}): does pytest see the GPU?", False
-        return data, message, True
-    return parse
-
-
 def build_stages(python: str, work: Path, gpu_count: int, wheels: Optional[Path] = None,
                  only: Optional[Sequence[str]] = None) -> List[Stage]:
     """The stages of the check (module docstring), for the interpreter ``python`` (the venv's,
@@ -366,12 +338,9 @@ def build_stages(python: str, work: Path, gpu_count: int, wheels: Optional[Path]
         steps.append([python, "-c", _IMPORT_CHECK, str(work / "install.json")])
         stages.append(Stage("install", f"install from {wheels.name}/ into a venv", 90, steps, min_s=30,
                             result_file=str(work / "install.json")))
-    files = device_test_files(REPO / "tests")
-    junit = str(work / "cuda_tests.xml")
-    stages.append(Stage("cuda_tests", "CUDA tests (pytest -k cuda)", 90,
-                        [[python, "-m", "pytest", *files, "-k", "cuda", "-q", "-p", "no:cacheprovider",
-                          "--junitxml", junit]], min_s=20, parse=_pytest_parse(junit, files),
-                        skip=None if files else "no test file uses the device fixture"))
+    stages.append(Stage("cuda_tests", "CUDA tests (pytest tests -k cuda)", 90,
+                        [[python, "-m", "pytest", "tests", "-k", "cuda", "-q", "-p", "no:cacheprovider"]], min_s=20,
+                        parse=lambda rec: pytest_summary(rec["log"], rec["log_offset"])))
     for norm in ("CBN", "MABN"):
         name = f"train_{norm.lower()}_amp"
         res = str(work / f"{name}.json")

@@ -15,7 +15,7 @@ Results layout (``results``)::
                  "message", "data": {...}}]}
 
 with ``data`` as written by the stage (:mod:`.gpu` for ``block``, ``detector_*``, ``train_*``
-and ``ddp``; :func:`.gpu_check.parse_junit` for ``cuda_tests``; the import check for
+and ``ddp``; :func:`.gpu_check.pytest_summary` for ``cuda_tests``; the import check for
 ``install``). The detector rows' aggregates (medians, paired ratios to BN) are computed by the
 measuring child (:func:`.gpu.detector_rows`, with the CPU benchmark's own functions) and stored
 in ``data["rows"]``; this module only formats.
@@ -103,19 +103,8 @@ def _stages_section(results: Dict) -> List[str]:
 
 def _tests_section(results: Dict) -> List[str]:
     st = _stage(results, "cuda_tests")
-    d = _data(st)
-    out = ["#### CUDA tests", ""]
-    if not d.get("cuda"):
-        return out + [f"No test results: {_status_line(st)}."]
-    c = d["cuda"]
-    out.append(f"`pytest {' '.join(d.get('files', []))} -k cuda`: the device-parametrized tests on CUDA: "
-               f"**{c.get('passed', 0)} passed, {c.get('failed', 0)} failed**, {c.get('skipped', 0)} skipped"
-               + (f" (other tests selected by `-k cuda`: {d['other'].get('passed', 0)} passed, "
-                  f"{d['other'].get('failed', 0)} failed)" if d.get("other", {}).get("total") else "") + ".")
-    if d.get("failed_tests"):
-        out.append("")
-        out += [f"- failed: `{t}`" for t in d["failed_tests"]]
-    return out
+    summary = _data(st).get("summary")
+    return ["#### CUDA tests", "", f"`pytest tests -k cuda`: {summary or 'no pytest summary'}; {_status_line(st)}."]
 
 
 def _training_section(results: Dict) -> List[str]:
@@ -163,8 +152,8 @@ def _block_section(results: Dict) -> List[str]:
     return out + [
         "",
         f"{d.get('depth')} x (3x3 conv {c} -> {c}, norm, ReLU) on {n} x {c} x {h} x {w}, forward + backward; "
-        f"median of {d.get('rounds')} interleaved rounds x {d.get('iters')} steps after {d.get('warmup')} warm-up "
-        "steps, `torch.cuda.synchronize()` around each step; memory: `torch.cuda.max_memory_allocated` during a "
+        f"median over {d.get('rounds')} interleaved rounds of `torch.utils.benchmark.Timer.timeit({d.get('iters')})` "
+        f"after {d.get('warmup')} warm-up steps; memory: `torch.cuda.max_memory_allocated` during a "
         f"step above the allocation at its start. TF32: {d.get('tf32')}.",
         "",
         table(["norm", "layer", "fwd+bwd ms/step", "time vs BN", "peak step memory MiB", "memory vs BN",
