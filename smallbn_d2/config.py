@@ -16,6 +16,7 @@ from typing import Optional
 
 from detectron2.config import CfgNode as CN
 
+from . import modeling  # noqa: F401  (extends Detectron2's get_norm before any model is built)
 from .layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 from .layers.hyperparameters import BOOLEAN, INT_AT_LEAST_0, Range, optional
 
@@ -174,7 +175,7 @@ def validate_smallbn_config(cfg: CN) -> None:
         ConfigValueError: the first invalid value, naming the key, the value and the allowed range.
         MissingConfigError: ``cfg`` lacks the keys (``add_smallbn_config`` was not called).
     """
-    from .modeling.families import NORM_FAMILIES
+    from .families import NORM_FAMILIES
 
     require_smallbn_config(cfg)
     checks = {}

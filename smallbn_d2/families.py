@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Type
 
-from ..layers import (
+from .layers import (
     CrossIterationBatchNorm2d,
     IterationNormBase,
     MovingAverageBatchNorm2d,

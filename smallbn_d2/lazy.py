@@ -59,8 +59,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from .modeling import NORM_FAMILIES, norm_hyperparameters, prepare_norms
-from .modeling.norms import head_types
+from .modeling import NORM_FAMILIES, norm_hyperparameters, place_norms, prepare_norms
 
 __all__ = [
     "SMALLBN_KEYS",
@@ -259,47 +258,16 @@ def check_norm_arguments(norms: Optional[Mapping[str, Mapping[str, Any]]],
 
 
 # ----------------------------------------------------------------------------- building
-class _BuildInHeads:
-    """A lazy node's target wrapped so that it is built with the head hyperparameters in force."""
-
-    def __init__(self, target: type, in_force: Dict[str, Dict[str, Any]]):
-        self.target = target
-        self.in_force = in_force
-        self.__qualname__ = f"{target.__qualname__} (head hyperparameters)"
-        self.__module__ = target.__module__
-
-    def __call__(self, **kwargs):
-        with norm_hyperparameters(self.in_force):
-            return self.target(**kwargs)
-
-
-def _mark_heads(node: Any, in_force: Dict[str, Dict[str, Any]]) -> None:
-    """Wrap, in place, the target of every head node (:func:`head_types`) of a plain lazy tree."""
-    from detectron2.utils.registry import locate
-
-    if isinstance(node, list):
-        for item in node:
-            _mark_heads(item, in_force)
-        return
-    if not isinstance(node, dict):
-        return
-    for value in node.values():
-        _mark_heads(value, in_force)
-    target = node.get("_target_")
-    if isinstance(target, str):
-        target = locate(target)
-    if isinstance(target, type) and issubclass(target, head_types()):
-        node["_target_"] = _BuildInHeads(target, in_force)
-
-
 def build_lazy_model(model: Any, norms: Optional[Mapping[str, Mapping[str, Any]]] = None,
                      head_norms: Optional[Mapping[str, Mapping[str, Any]]] = None) -> nn.Module:
     """Instantiate a LazyConfig model with CBN/MABN hyperparameters in force, then wire the layers.
 
-    The LazyConfig counterpart of :func:`smallbn_d2.build_model`: ``instantiate(model)`` runs
-    inside :func:`~smallbn_d2.norm_hyperparameters` (``norms``), and the nodes whose target is a
-    box, mask or RetinaNet head inside ``norms`` merged with ``head_norms``; then
-    :func:`~smallbn_d2.prepare_norms` attaches every layer to its producing conv. ``model`` is not
+    The LazyConfig counterpart of :func:`smallbn_d2.build_model`, by the same steps:
+    ``instantiate(model)`` runs inside :func:`~smallbn_d2.norm_hyperparameters` (``norms``), then
+    :func:`~smallbn_d2.modeling.place_norms` rebuilds the layers inside the box, mask and
+    RetinaNet heads with ``norms`` merged with ``head_norms`` where those differ (and RetinaNet's
+    per-level layers), and :func:`~smallbn_d2.prepare_norms` attaches every layer to its
+    producing conv. ``model`` is not
     changed. Reads no data.
 
     Args:
@@ -323,13 +291,11 @@ def build_lazy_model(model: Any, norms: Optional[Mapping[str, Mapping[str, Any]]
                         f"{type(model).__name__}")
     body = check_norm_arguments(norms, "smallbn.norms")
     heads = check_norm_arguments(head_norms, "smallbn.head_norms")
-    if heads:
-        merged = {name: {**body.get(name, {}), **heads.get(name, {})} for name in set(body) | set(heads)}
-        _mark_heads(tree, merged)
-    with norm_hyperparameters(body):
+    with norm_hyperparameters(body, heads):
         built = instantiate(tree)
-    if not isinstance(built, nn.Module):
-        raise TypeError(f"the lazy model node builds a {type(built).__name__}, not an nn.Module")
+        if not isinstance(built, nn.Module):
+            raise TypeError(f"the lazy model node builds a {type(built).__name__}, not an nn.Module")
+        place_norms(built)
     return prepare_norms(built)
 
 

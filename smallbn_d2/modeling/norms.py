@@ -6,60 +6,65 @@ Detectron2 builds every normalization layer (ResNet stem and blocks, FPN, box/ma
 RetinaNet head, ...) through ``detectron2.layers.get_norm(norm, out_channels)``, whose table of
 names is a literal inside the function, and the model modules hold their own reference to that
 function (``from detectron2.layers import get_norm``). So the only way to add names that all of
-them see is to change that one function object: :func:`install` (run by ``import smallbn_d2``)
-replaces the *code* of ``detectron2.layers.batch_norm.get_norm`` with a call to :func:`get_norm`
-below. It serves the names of :data:`~smallbn_d2.modeling.families.NORM_FAMILIES` and hands every
-other name to an unchanged copy of the original function, so Detectron2's names (whatever the
-installed version accepts: v0.6's, main's "LN", ...) keep working exactly as before. By the same
-mechanism, the two places where Detectron2 recognizes norms by class and which decide how a
-detector trains give the families' layers BN's treatment (:mod:`smallbn_d2.modeling.parity`):
+them see is to change that one function object: :func:`install` (run when the integration,
+``smallbn_d2.modeling``, is first imported: by ``add_smallbn_config``, ``smallbn_d2.build_model``,
+the Trainer, ``smallbn_d2.lazy``; never by ``import smallbn_d2.layers``) replaces the *code* of
+``detectron2.layers.batch_norm.get_norm`` with a call to :func:`get_norm` below. It serves the
+names of :data:`~smallbn_d2.families.NORM_FAMILIES` and hands every other name to an unchanged
+copy of the original function, so Detectron2's names (whatever the installed version accepts:
+v0.6's, main's "LN", ...) keep working exactly as before. By the same mechanism, the two places
+where Detectron2 recognizes norms by class and which decide how a detector trains give the
+families' layers BN's treatment (:mod:`smallbn_d2.modeling.parity`):
 ``detectron2.solver.build.get_default_optimizer_params`` (``SOLVER.WEIGHT_DECAY_NORM``) and
 ``FrozenBatchNorm2d.convert_frozen_batchnorm`` (frozen stages, ``MODEL.BACKBONE.FREEZE_AT``).
 Nothing else of Detectron2 is changed (docs/NORM_PARITY.md lists every norm-aware place).
 
 Configured layers
 -----------------
-A family's layer is built with the hyperparameters in force (:func:`norm_hyperparameters`,
-which :func:`smallbn_d2.build_model` puts in force from the config while Detectron2 builds the
-model), so each layer is constructed once, configured. Where the layer sits decides two things,
-read from the modules being constructed (the ``__init__`` frames on the call stack):
+A family's layer is built by ``get_norm`` with the hyperparameters in force
+(:func:`norm_hyperparameters`, which :func:`smallbn_d2.build_model` puts in force from the config
+while Detectron2 builds the model, and :func:`smallbn_d2.lazy.build_lazy_model` from the
+LazyConfig's ``smallbn`` field). What depends on where a layer sits is decided after the build,
+from the built model's modules, by :func:`place_norms` (the same step for YAML configs and
+LazyConfigs):
 
-* inside a box, mask or RetinaNet head (:func:`head_types`) the family's head arguments apply
-  (MABN: ``MODEL.MABN.HEAD_WARMUP_ITERS``);
-* inside ``RetinaNetHead`` a family with ``per_level_in_retinanet`` is built as Detectron2's
-  ``CycleBatchNormList`` of one layer per FPN level with a shared affine, as Detectron2 does for
-  "BN". Detectron2 v0.6 also calls ``get_norm(norm, 1)`` there only to log the layer's type,
-  which fails for "GN" (32 groups, 1 channel); such a call is answered with 32 channels, as later
-  Detectron2 versions probe.
+* a layer inside a box, mask or RetinaNet head (a module of :func:`head_types`) whose head
+  arguments differ (MABN: ``MODEL.MABN.HEAD_WARMUP_ITERS``, ``smallbn.head_norms``) is rebuilt
+  with them;
+* inside the ``RetinaNetHead`` of a ``RetinaNet`` a family with ``per_level_in_retinanet`` becomes
+  Detectron2's ``CycleBatchNormList`` of one layer per FPN level (``len(head_in_features)``) with
+  a shared affine, as Detectron2 does for "BN".
 
-Unknown names raise ``KeyError`` listing every accepted name: Detectron2's, read from the
-installed Detectron2's ``get_norm`` (:func:`detectron2_norm_names`), and smallbn_d2's.
+Unknown names raise ``KeyError`` listing every accepted name: Detectron2's
+(:func:`detectron2_norm_names`: the names of :data:`DETECTRON2_NORM_NAMES` that the installed
+``get_norm`` accepts), and smallbn_d2's.
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import contextvars
 import functools
-import inspect
 import logging
-import sys
-import textwrap
 import types
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
-from .families import NORM_FAMILIES, NormFamily
+from .. import compat
+from ..families import NORM_FAMILIES, NormFamily, family_of
+from ..layers import IterationNormBase
 
 __all__ = [
     "supported_norms",
     "detectron2_norm_names",
+    "DETECTRON2_NORM_NAMES",
     "get_norm",
     "register_norm",
     "install",
     "norm_hyperparameters",
     "head_types",
+    "place_norms",
+    "retinanet_heads",
     "per_level_retinanet_norms",
     "frozen_convertible_norms",
     "cuda_only_norms",
@@ -93,24 +98,26 @@ def _original_get_norm() -> Callable:
     return batch_norm.get_norm
 
 
+#: Every name Detectron2's ``get_norm`` has accepted (v0.6: the first seven; main adds "LN").
+#: :func:`detectron2_norm_names` asks the installed ``get_norm`` which of them it accepts;
+#: tests/test_norm_registry.py checks that the installed Detectron2 accepts no other name.
+DETECTRON2_NORM_NAMES = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
+
+
 @functools.lru_cache(maxsize=None)
 def detectron2_norm_names() -> Tuple[str, ...]:
-    """The names the installed Detectron2's ``get_norm`` accepts, read from its source.
-
-    Detectron2 keeps them as the keys of a dict literal inside ``get_norm``; they are read with
-    ``ast`` from the installed function (v0.6: BN, SyncBN, FrozenBN, GN, nnSyncBN, naiveSyncBN,
-    naiveSyncBN_N; main adds LN). Returns () if the source cannot be read (then unknown names
-    are left to Detectron2's own ``KeyError``).
-    """
-    try:
-        source = textwrap.dedent(inspect.getsource(_original_get_norm()))
-    except (OSError, TypeError):
-        return ()
-    names: List[str] = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Dict) and node.keys and all(
-                isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.keys):
-            names += [k.value for k in node.keys if k.value not in names]
+    """The names of :data:`DETECTRON2_NORM_NAMES` that the installed Detectron2's ``get_norm``
+    accepts, asked of ``get_norm`` itself: a name it answers with ``KeyError`` is not one (v0.6:
+    no "LN"). Raises nothing."""
+    names = []
+    for name in DETECTRON2_NORM_NAMES:
+        try:
+            _original_get_norm()(name, 32)
+        except KeyError:
+            continue
+        except Exception:  # known, but its layer cannot be built here: still Detectron2's name
+            pass
+        names.append(name)
     return tuple(names)
 
 
@@ -121,20 +128,25 @@ def supported_norms() -> List[str]:
 
 # ----------------------------------------------------------------------------- hyperparameters
 @contextlib.contextmanager
-def norm_hyperparameters(source: Union[Mapping[str, Any], Any, None]) -> Iterator[None]:
+def norm_hyperparameters(source: Union[Mapping[str, Any], Any, None],
+                         head: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Iterator[None]:
     """Build smallbn_d2's layers with these hyperparameters while the ``with`` block runs.
 
     Args:
         source: a Detectron2 ``CfgNode`` with smallbn_d2's keys (``add_smallbn_config``; validated
-            here), or a mapping ``{family name: {constructor argument: value}}`` (e.g.
+            here; head arguments from ``MODEL.MABN.HEAD_WARMUP_ITERS``), or a mapping
+            ``{family name: {constructor argument: value}}`` (e.g.
             ``{"CBN": {"window_size": 8, "burn_in": 120}}``, as a LazyConfig gives it; families
             not named get their defaults), or None (every layer with its defaults).
+        head: with a mapping ``source``: the arguments that differ inside the heads, merged over
+            ``source`` (a LazyConfig's ``smallbn.head_norms``); applied by :func:`place_norms`.
     Raises:
         ConfigValueError: an invalid value in a config (the message names the key).
         KeyError: a config without smallbn_d2's keys (the message names ``add_smallbn_config``),
             or an unknown family name in the mapping.
+        TypeError: ``head`` given with a ``CfgNode`` (the config holds its head arguments).
     """
-    in_force = None if source is None else _resolve(source)
+    in_force = None if source is None and head is None else _resolve(source, head)
     token = _IN_FORCE.set(in_force)
     try:
         yield
@@ -142,10 +154,13 @@ def norm_hyperparameters(source: Union[Mapping[str, Any], Any, None]) -> Iterato
         _IN_FORCE.reset(token)
 
 
-def _resolve(source) -> Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]]:
+def _resolve(source, head) -> Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]]:
     from detectron2.config import CfgNode
 
     if isinstance(source, CfgNode):
+        if head is not None:
+            raise TypeError("norm_hyperparameters: head arguments come from the config itself; pass head=None "
+                            "with a CfgNode")
         from ..config import validate_smallbn_config
 
         validate_smallbn_config(source)
@@ -154,38 +169,76 @@ def _resolve(source) -> Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]]:
             section = source.MODEL[family.config_section] if family.config_section else None
             out[name] = (family.layer_kwargs(section, in_head=False), family.layer_kwargs(section, in_head=True))
         return out
-    unknown = sorted(set(source) - set(NORM_FAMILIES))
+    source, head = dict(source or {}), dict(head or {})
+    unknown = sorted((set(source) | set(head)) - set(NORM_FAMILIES))
     if unknown:
         raise KeyError(f"norm_hyperparameters: unknown norm families {unknown}; allowed: {sorted(NORM_FAMILIES)}")
-    return {name: (dict(kwargs), dict(kwargs)) for name, kwargs in source.items()}
+    return {name: (dict(source.get(name) or {}), {**(source.get(name) or {}), **(head.get(name) or {})})
+            for name in set(source) | set(head)}
 
 
-def _modules_under_construction() -> List[nn.Module]:
-    """The ``nn.Module`` instances whose ``__init__`` is on the call stack, innermost first."""
-    found = []
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_name == "__init__":
-            obj = frame.f_locals.get("self")
-            if isinstance(obj, nn.Module) and (not found or found[-1] is not obj):
-                found.append(obj)
-        frame = frame.f_back
-    return found
-
-
-def _build(family: NormFamily, out_channels: int) -> nn.Module:
-    from detectron2.layers import CycleBatchNormList
-    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
-
-    building = _modules_under_construction()
-    in_head = any(isinstance(m, head_types()) for m in building)
+def _kwargs(family: NormFamily, in_head: bool) -> Dict[str, Any]:
     in_force = _IN_FORCE.get()
-    kwargs = {} if in_force is None or family.name not in in_force else in_force[family.name][int(in_head)]
-    retina = next((m for m in building if isinstance(m, RetinaNetHead)), None)
-    if family.per_level_in_retinanet and retina is not None and hasattr(retina, "_num_features"):
-        return CycleBatchNormList(length=retina._num_features, num_features=out_channels,
-                                  bn_class=functools.partial(family.layer_class, **kwargs))
-    return family.layer_class(out_channels, **kwargs)
+    return {} if in_force is None or family.name not in in_force else dict(in_force[family.name][int(in_head)])
+
+
+# ----------------------------------------------------------------------------- placement
+def retinanet_heads(model: nn.Module) -> Iterator[Tuple[nn.Module, int]]:
+    """Yield ``(head, number of FPN levels)`` for the ``RetinaNetHead`` (subclasses included) of
+    every Detectron2 ``RetinaNet`` in ``model`` (``model`` itself included); the number of levels
+    is ``len(retinanet.head_in_features)``, the features the head runs on (v0.6 and main)."""
+    from detectron2.modeling.meta_arch.retinanet import RetinaNet, RetinaNetHead
+
+    for module in model.modules():
+        if isinstance(module, RetinaNet) and isinstance(getattr(module, "head", None), RetinaNetHead):
+            yield module.head, len(module.head_in_features)
+
+
+def _layers_with_parents(root: nn.Module) -> List[Tuple[nn.Module, str, IterationNormBase]]:
+    return [(parent, name, child) for parent in root.modules() for name, child in parent.named_children()
+            if isinstance(child, IterationNormBase)]
+
+
+def _replace(parent: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
+    state = next(iter(old.state_dict().values()), None)
+    setattr(parent, name, new if state is None else new.to(state.device))
+
+
+def place_norms(model: nn.Module) -> nn.Module:
+    """Decide, from the built model, what depends on where a layer sits (module docstring), in place.
+
+    Run right after Detectron2 (or ``instantiate`` of a LazyConfig) built ``model`` and before
+    :func:`~smallbn_d2.modeling.wiring.prepare_norms`, inside the same
+    :func:`norm_hyperparameters` block (outside one: the layers' defaults). Layers in the heads
+    (:func:`head_types`) whose head arguments differ from the others' are rebuilt with them; the
+    layers of a per-level family in the head of a ``RetinaNet`` (:func:`retinanet_heads`) become a
+    ``CycleBatchNormList`` of one such layer per FPN level, each built with the head arguments.
+    Other layers are left as built. The model must not be trained or loaded yet (rebuilt layers
+    start fresh).
+
+    Returns:
+        ``model``.
+    Raises:
+        ValueError: an invalid head argument (raised by the layer's constructor).
+    """
+    from detectron2.layers import CycleBatchNormList
+
+    levels = {id(head): n for head, n in retinanet_heads(model)}
+    for head in [m for m in model.modules() if isinstance(m, head_types())]:
+        for parent, name, layer in _layers_with_parents(head):
+            family = family_of(type(layer))
+            if family is None or isinstance(parent, CycleBatchNormList):
+                continue
+            kwargs = _kwargs(family, in_head=True)
+            if family.per_level_in_retinanet and id(head) in levels:
+                new = CycleBatchNormList(length=levels[id(head)], num_features=layer.num_features,
+                                         bn_class=functools.partial(family.layer_class, **kwargs))
+            elif kwargs != _kwargs(family, in_head=False):
+                new = family.layer_class(layer.num_features, **kwargs)
+            else:
+                continue
+            _replace(parent, name, layer, new)
+    return model
 
 
 # ----------------------------------------------------------------------------- get_norm
@@ -198,22 +251,22 @@ def get_norm(norm: Union[str, Callable, None], out_channels: int):
         out_channels: C of the (N, C, H, W) tensor to normalize.
     Returns:
         ``nn.Module`` or None. A family's layer is built with the hyperparameters in force
-        (:func:`norm_hyperparameters`; the layer's defaults outside one).
+        (:func:`norm_hyperparameters`; the layer's defaults outside one); where it sits is
+        decided after the build (:func:`place_norms`). Detectron2's names are served by
+        Detectron2's unchanged function (with the v0.6 fix of
+        :func:`smallbn_d2.compat.get_norm_channels`).
     Raises:
         KeyError: unknown name; the message lists every accepted name.
         ValueError: an invalid hyperparameter in force (raised by the layer's constructor).
     """
     if isinstance(norm, str) and norm in NORM_FAMILIES:
-        return _build(NORM_FAMILIES[norm], out_channels)
+        family = NORM_FAMILIES[norm]
+        return family.layer_class(out_channels, **_kwargs(family, in_head=False))
     if isinstance(norm, str) and norm:
         known = detectron2_norm_names()
         if known and norm not in known:
             raise KeyError(f"Unknown norm {norm!r}; supported norms: {', '.join(supported_norms())}")
-        if out_channels == 1:
-            from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
-
-            if any(isinstance(m, RetinaNetHead) for m in _modules_under_construction()):
-                out_channels = 32  # Detectron2 v0.6's type probe in RetinaNetHead (see the module docstring)
+        out_channels = compat.get_norm_channels(norm, out_channels)
     return _original_get_norm()(norm, out_channels)
 
 
@@ -250,7 +303,7 @@ def register_norm(family: NormFamily) -> None:
     """Add a norm family (served by ``get_norm`` under ``family.name``).
 
     Args:
-        family: a :class:`~smallbn_d2.modeling.families.NormFamily` whose ``layer_class``
+        family: a :class:`~smallbn_d2.families.NormFamily` whose ``layer_class``
             subclasses ``smallbn_d2.layers.IterationNormBase``.
     Raises:
         TypeError: ``family`` is not a ``NormFamily``.

@@ -2,9 +2,10 @@
 
 :func:`build_model` is ``detectron2.modeling.build_model`` with the config's norm
 hyperparameters in force (:func:`~smallbn_d2.modeling.norms.norm_hyperparameters`), so every
-CBN / NaiveCBN / MABN layer is constructed once, configured, where Detectron2 asks ``get_norm``
-for it. Detectron2 builds a norm before the conv that feeds it, so one step remains after
-building, :func:`prepare_norms`: each layer is attached to its producing conv (``attach_conv``;
+CBN / NaiveCBN / MABN layer is constructed configured, where Detectron2 asks ``get_norm`` for it;
+then :func:`~smallbn_d2.modeling.norms.place_norms` decides what depends on where a layer sits
+(head arguments, RetinaNet's per-level layers). Detectron2 builds a norm before the conv that
+feeds it, so one step remains, :func:`prepare_norms`: each layer is attached to its producing conv (``attach_conv``;
 CBN then allocates its window of statistics gradients, MABN centralizes the conv's weight). A
 producing conv is the ``Conv2d`` that holds the layer as ``Conv2d.norm`` (Detectron2's
 ``Conv2d(..., norm=...)``) or the ``nn.Conv2d`` right before it in an ``nn.Sequential``
@@ -27,8 +28,8 @@ from torch import nn
 
 from ..layers import IterationNormBase
 from ..layers.base import NormNotWiredError
-from .families import NORM_FAMILIES
-from .norms import norm_hyperparameters
+from ..families import NORM_FAMILIES
+from .norms import norm_hyperparameters, place_norms
 from .parity import FROZEN_FROM
 
 __all__ = ["build_model", "prepare_norms", "iteration_norms", "set_norm_iteration"]
@@ -122,7 +123,8 @@ def prepare_norms(model: nn.Module, cfg: Optional[CfgNode] = None) -> nn.Module:
 
 def build_model(cfg: CfgNode) -> nn.Module:
     """``detectron2.modeling.build_model(cfg)`` with the config's norm hyperparameters in force,
-    followed by :func:`prepare_norms`.
+    followed by :func:`~smallbn_d2.modeling.norms.place_norms` (head arguments, RetinaNet's
+    per-level layers) and :func:`prepare_norms`.
 
     Args:
         cfg: a Detectron2 config with smallbn_d2's keys (``add_smallbn_config``).
@@ -134,6 +136,6 @@ def build_model(cfg: CfgNode) -> nn.Module:
         NormNotWiredError: as :func:`prepare_norms`.
     """
     with norm_hyperparameters(cfg):
-        model = d2_build_model(cfg)
+        model = place_norms(d2_build_model(cfg))
     prepare_norms(model, cfg)
     return model.to(torch.device(cfg.MODEL.DEVICE))
