@@ -11,8 +11,10 @@ level) and ``tools/benchmark_cbn_layer.py`` (block level).
 * :mod:`.runner`: the detector-level orchestration (which children, collecting their results);
 * :mod:`.report`: the detector-level Markdown report;
 * :mod:`.layer`: the block-level benchmark;
-* :mod:`.gpu_setup`: the wheel folder and install for a GPU machine without a package index
-  (``tools/gpu_check.py``).
+* :mod:`.gpu_check`: ``tools/gpu_check.py``, the one GPU command: its stages run one after the
+  other as child processes with time limits (pytest for the CUDA tests, :mod:`.gpu` for the
+  measurements), :mod:`.gpu_report` writes the Markdown report, :mod:`.gpu_setup` the offline
+  install from a wheel folder (``tools/prepare_gpu_wheels.py``).
 
 Not part of the installed package (setup.py ships ``smallbn_d2`` only): the tools run from a
 checkout and put the repository root on ``sys.path``, as Detectron2's own ``tools/`` do.
