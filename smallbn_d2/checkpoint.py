@@ -64,6 +64,8 @@ from detectron2.layers import CycleBatchNormList
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from .compat import (convert_ndarray_to_tensor, copy_state_dict_metadata, load_model_from_checkpoint,
+                     register_state_dict_hook, route_load_model)
 from .layers import IterationNormBase
 from .pretrained import check_loaded_weight_centralization
 
@@ -129,8 +131,7 @@ def convert_norm_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Modul
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     sd = OrderedDict(state_dict)
-    if hasattr(state_dict, "_metadata"):  # module versions, used by e.g. FrozenBatchNorm2d's loading
-        sd._metadata = state_dict._metadata
+    copy_state_dict_metadata(state_dict, sd)  # module versions, used by e.g. FrozenBatchNorm2d's loading
     modules = dict(model.named_modules())
     model_sd = model.state_dict()
     counts: Dict[str, int] = {}
@@ -188,6 +189,7 @@ def convert_norm_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Modul
     return sd, notes
 
 
+@route_load_model
 class NormCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` that loads across norms into CBN/MABN models and raises
     :class:`NormStateShapeError` on mis-shaped CBN/MABN entries (see the module docstring).
@@ -278,9 +280,12 @@ class NormCheckpointer(DetectionCheckpointer):
         with context:
             super().save(name, **kwargs)
 
-    def _load_model(self, checkpoint):
+    def load_model_state(self, checkpoint: Dict) -> "object":
+        """What ``load`` does with a read checkpoint (fvcore's private ``_load_model``, routed here
+        by :func:`smallbn_d2.compat.route_load_model`): the class docstring's conversions, then
+        Detectron2's loading; returns fvcore's incompatible keys."""
         state = checkpoint["model"]
-        self._convert_ndarray_to_tensor(state)
+        convert_ndarray_to_tensor(self, state)
         if checkpoint.get("matching_heuristics", False):
             targets = dict(self.model.state_dict())
             for name, layer in self.model.named_modules():
@@ -307,7 +312,7 @@ class NormCheckpointer(DetectionCheckpointer):
             else:
                 self.logger.info(f"Loading across norms: {line}")
         checkpoint["model"] = state
-        incompatible = super()._load_model(checkpoint)
+        incompatible = load_model_from_checkpoint(self, checkpoint)
         if converted is not None:
             self._check_converted(incompatible, converted)
         # MABN centralizes its convs' weights: say so if loaded weights were not trained that way
@@ -440,7 +445,7 @@ def _without_cross_iteration_state(model: nn.Module) -> Iterator[None]:
 
     for module in model.modules():
         if isinstance(module, IterationNormBase):
-            handles.append(module._register_state_dict_hook(drop))
+            handles.append(register_state_dict_hook(module, drop))
     try:
         yield
     finally:
@@ -542,6 +547,7 @@ def _show_keys(keys: Dict[str, List[str]]) -> str:
     return ", ".join(f"{kind} keys {show(k)}" for kind, k in keys.items())
 
 
+@route_load_model
 class _RecordingCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` that keeps the incompatible keys of its last load, and fills the
     training-only state a checkpoint leaves out (:func:`fill_absent_training_state`)."""
@@ -549,13 +555,14 @@ class _RecordingCheckpointer(DetectionCheckpointer):
     incompatible = None
     filled: List[str] = []
 
-    def _load_model(self, checkpoint):
+    def load_model_state(self, checkpoint: Dict) -> "object":
+        """Detectron2's loading of a read checkpoint, recording the incompatible keys."""
         state = checkpoint.get("model")
         if isinstance(state, dict) and not checkpoint.get("matching_heuristics", False):
             if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
                 consume_prefix_in_state_dict_if_present(state, "module.")
             self.filled = fill_absent_training_state(state, self.model)
-        self.incompatible = super()._load_model(checkpoint)
+        self.incompatible = load_model_from_checkpoint(self, checkpoint)
         return self.incompatible
 
 

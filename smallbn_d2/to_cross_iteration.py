@@ -32,8 +32,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from .compat import tensor_version, torch_batch_norm_base
 from .layers import IterationNormBase
 from .layers.weight_centralization import is_weight_centralized
 from .families import NORM_FAMILIES, NormFamily
@@ -139,7 +139,7 @@ def _trace(module: nn.Module, names: Dict[int, str], watched: Dict[int, str], st
         pname, pmod, _, version, call = rec
         if not isinstance(pmod, nn.Conv2d):
             calls[name].append(_Call("module", pname, type(pmod).__name__, shape=shape))
-        elif version != x._version:
+        elif version != tensor_version(x):
             calls[name].append(_Call("inplace", pname, type(pmod).__name__, call, shape=shape))
         else:
             calls[name].append(_Call("conv", pname, type(pmod).__name__, call,
@@ -152,7 +152,7 @@ def _trace(module: nn.Module, names: Dict[int, str], watched: Dict[int, str], st
         if rec is not None and rec[2]() is out:
             return  # an enclosing module returning the same tensor: the innermost producer counts
         name = names[id(mod)]
-        outputs[id(out)] = (name, mod, weakref.ref(out), out._version, conv_calls.get(name, 0))
+        outputs[id(out)] = (name, mod, weakref.ref(out), tensor_version(out), conv_calls.get(name, 0))
 
     modes = {m: m.training for m in module.modules()}
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
@@ -203,7 +203,7 @@ def _source_kind(m: nn.Module, frozen_cls) -> Optional[str]:
     """"convert" for a BN this function converts, "other" for a BN-like layer it reports, None else."""
     if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) or (frozen_cls is not None and isinstance(m, frozen_cls)):
         return "convert"
-    if isinstance(m, _BatchNorm) or type(m).__name__ == "FrozenBatchNorm2d":
+    if isinstance(m, torch_batch_norm_base()) or type(m).__name__ == "FrozenBatchNorm2d":
         return "other"
     return None
 
@@ -388,7 +388,7 @@ def convert_norm(module: nn.Module, norm: str, example_inputs: Any, *, include_d
                 report.skipped.append(ConversionEntry(**entry, conv=conv_name, reason=f"unsupported conv: {e}"))
                 continue
         for parent, child_name in parents.get(i, []):
-            parent._modules[child_name] = layer
+            setattr(parent, child_name, layer)  # nn.Module.__setattr__: replaces the child
         report.converted.append(ConversionEntry(**entry, conv=conv_name))
 
     logger.info(f"convert_norm: {len(report.converted)} BN layers converted to {norm}, {len(report.skipped)} skipped")

@@ -24,6 +24,7 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from torch import nn
 
 from ..checkpoint import load_checkpoint_strict, read_conversion_metadata
+from ..compat import retinanet_head_levels
 from ..modeling.norms import frozen_convertible_norms, per_level_retinanet_norms
 from .to_frozen_bn import fold_frozen_bn
 
@@ -140,7 +141,7 @@ def _per_level_frozen_retinanet(model: nn.Module) -> None:
             for i, module in enumerate(subnet):
                 if isinstance(module, FrozenBatchNorm2d):
                     C = module.num_features
-                    cycle = CycleBatchNormList(length=head._num_features, num_features=C, affine=False,
+                    cycle = CycleBatchNormList(length=retinanet_head_levels(head), num_features=C, affine=False,
                                                bn_class=lambda num_features, affine: FrozenBatchNorm2d(num_features))
                     subnet[i] = cycle.to(module.running_mean.device)
 

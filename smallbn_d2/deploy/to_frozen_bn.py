@@ -53,6 +53,7 @@ from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..compat import cycle_has_affine, cycle_position, set_cycle_position
 from ..layers import IterationNormBase, is_weight_centralized, remove_weight_centralization
 
 __all__ = ["FROZEN_EPS", "ConvertedLayer", "convert_to_frozen_bn", "convert_for_inference", "fold_frozen_bn",
@@ -149,15 +150,15 @@ def _convert_cycle(cycle: CycleBatchNormList, name: str) -> Optional[CycleBatchN
     inner = list(cycle)
     if not inner or not all(isinstance(m, _SOURCES) for m in inner):
         return None
-    outer_g = cycle.weight if getattr(cycle, "_affine", False) else None
-    outer_b = cycle.bias if getattr(cycle, "_affine", False) else None
+    outer_g = cycle.weight if cycle_has_affine(cycle) else None
+    outer_b = cycle.bias if cycle_has_affine(cycle) else None
     levels = [frozen_bn_from_affine(*_eval_affine(m, f"{name}.{i}"), outer_gamma=outer_g, outer_beta=outer_b)
               for i, m in enumerate(inner)]
     new = CycleBatchNormList(length=len(levels), bn_class=lambda num_features, affine: nn.Identity(),
                              num_features=levels[0].num_features, affine=False)
     for i, frozen in enumerate(levels):
         new[i] = frozen
-    new._pos = cycle._pos  # keep the cycling phase
+    set_cycle_position(new, cycle_position(cycle))  # keep the cycling phase
     for m in inner:
         _release_conv(m)
     return new
@@ -186,7 +187,7 @@ def _convert_module(module: nn.Module, name: str, records: List[ConvertedLayer])
     for child_name, child in list(module.named_children()):
         new = _convert_module(child, f"{name}.{child_name}" if name else child_name, records)
         if new is not child:
-            module._modules[child_name] = new
+            setattr(module, child_name, new)  # nn.Module.__setattr__: replaces the child
     return module
 
 

@@ -14,6 +14,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser
 
 from ..checkpoint import IncompatibleCheckpointError, NormStateShapeError
+from ..compat import argument_parser_actions
 from ..config import ConfigValueError, add_smallbn_config, validate_smallbn_config
 from ..data import DatasetNotRegisteredError, DatasetsNotFoundError, SampleRegistrationError, check_datasets_exist
 from ..layers import NormNotWiredError
@@ -308,7 +309,7 @@ def training_argument_parser(output_dir_key: str = "OUTPUT_DIR", description: st
     """
     parser = default_argument_parser(epilog=examples or None)
     parser.description = description or None
-    for action in parser._actions:  # the trailing overrides: say which form this tool takes
+    for action in argument_parser_actions(parser):  # the trailing overrides: say which form this tool takes
         if action.dest == "opts":
             action.help = ('LazyConfig overrides at the end of the command, "path.key=value" (e.g. train.max_iter=100 '
                            'smallbn.norms.CBN.window_size=4)' if lazy else

@@ -45,7 +45,7 @@ def add_full_model_gradient_clipping(optimizer: torch.optim.Optimizer, max_norm:
     Raises:
         ValueError: ``max_norm`` or ``norm_type`` out of range (the message names it).
     """
-    from detectron2.solver.build import _generate_optimizer_class_with_gradient_clipping
+    from ..compat import gradient_clipping_optimizer_class
 
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not math.isfinite(max_norm) \
             or max_norm <= 0:
@@ -58,8 +58,7 @@ def add_full_model_gradient_clipping(optimizer: torch.optim.Optimizer, max_norm:
     def clip_all(params) -> None:
         torch.nn.utils.clip_grad_norm_(list(params), max_norm, norm_type)
 
-    optimizer.__class__ = _generate_optimizer_class_with_gradient_clipping(
-        type(optimizer), global_clipper=clip_all)
+    optimizer.__class__ = gradient_clipping_optimizer_class(type(optimizer), global_clipper=clip_all)
     return optimizer
 
 

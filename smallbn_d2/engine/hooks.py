@@ -13,8 +13,8 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..compat import torch_batch_norm_base
 from ..layers import IterationNormBase
 from ..modeling.wiring import set_norm_iteration
 from .freeze import freeze_norm_statistics
@@ -132,13 +132,13 @@ class PeakMemoryHook(HookBase):
 # ----------------------------------------------------------------------------- one model across processes
 def population_statistics_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """``(name, layer)`` of every norm layer of ``model`` that holds population statistics: torch
-    BatchNorm (``_BatchNorm`` with ``running_mean``/``running_var``: BN, SyncBN, Detectron2's
+    BatchNorm (torch's ``_BatchNorm``, :func:`smallbn_d2.compat.torch_batch_norm_base`, with ``running_mean``/``running_var``: BN, SyncBN, Detectron2's
     NaiveSyncBatchNorm and the per-level BNs of RetinaNet's head) and every CBN / NaiveCBN / MABN
     layer (any :class:`~smallbn_d2.layers.IterationNormBase`, so every family of
     ``NORM_FAMILIES``), in training or eval mode. FrozenBN and GN hold none."""
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, IterationNormBase)
-            or (isinstance(m, _BatchNorm) and m.running_mean is not None and m.running_var is not None)]
+            or (isinstance(m, torch_batch_norm_base()) and m.running_mean is not None and m.running_var is not None)]
 
 
 def population_moments(layer: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +156,7 @@ def population_moments(layer: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     if isinstance(layer, IterationNormBase):
         center, var = layer.eval_affine()[:2]
-    elif isinstance(layer, _BatchNorm):
+    elif isinstance(layer, torch_batch_norm_base()):
         center, var = layer.running_mean, layer.running_var
     else:
         raise TypeError(f"population_moments needs a torch BatchNorm or a CBN/MABN layer, got {type(layer).__name__}")

@@ -133,6 +133,8 @@ def _cpu_worker(local_rank: int, main_func: Callable, world_size: int, num_per_m
                 dist_url: str, args: Sequence, timeout: timedelta) -> None:
     from detectron2.utils import comm
 
+    from ..compat import set_local_process_group
+
     global_rank = machine_rank * num_per_machine + local_rank
     dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=global_rank,
                             timeout=timeout)
@@ -140,7 +142,7 @@ def _cpu_worker(local_rank: int, main_func: Callable, world_size: int, num_per_m
     for i in range(num_machines):
         group = dist.new_group(list(range(i * num_per_machine, (i + 1) * num_per_machine)))
         if i == machine_rank:
-            comm._LOCAL_PROCESS_GROUP = group
+            set_local_process_group(group)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_per_machine))
     install_cpu_ddp()
     comm.synchronize()

@@ -13,6 +13,7 @@ from detectron2.utils.events import get_event_storage
 from fvcore.nn.precise_bn import get_bn_modules
 
 from ..checkpoint import NormCheckpointer
+from ..compat import inner_trainer, registered_hooks
 from ..config import cbn_burn_in_iters, norm_keys, resolve_burn_in, scale_norm_iterations
 from ..modeling import NORM_FAMILIES, build_model
 from .grad_clip import build_optimizer_with_clipping
@@ -80,8 +81,8 @@ class Trainer(DefaultTrainer):
         if uses_cbn(cfg) and cfg.MODEL.CBN.BURN_IN_ITERS is None:  # epochs, or until the first LR step
             cfg = resolve_burn_in(cfg, training_set_size(cfg) if cbn_burn_in_iters(cfg) is None else None)
         super().__init__(cfg)
-        self.checkpointer = NormCheckpointer(self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        for hook in self._hooks:
+        self.checkpointer = NormCheckpointer(inner_trainer(self).model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        for hook in registered_hooks(self):
             if isinstance(hook, d2_hooks.PeriodicCheckpointer):
                 hook.checkpointer = self.checkpointer
 
@@ -91,7 +92,7 @@ class Trainer(DefaultTrainer):
     def state_dict(self):
         """Detectron2's trainer state plus ``"_trainer"``: the optimizer (and grad scaler) state."""
         ret = super().state_dict()
-        ret["_trainer"] = self._trainer.state_dict()
+        ret["_trainer"] = inner_trainer(self).state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
@@ -99,7 +100,7 @@ class Trainer(DefaultTrainer):
         Detectron2 v0.6) restores everything but the optimizer state, with a warning."""
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
+            inner_trainer(self).load_state_dict(state_dict["_trainer"])
         else:
             logger.warning("The checkpoint has no optimizer state (written by Detectron2 v0.6's DefaultTrainer): "
                            "the optimizer (SGD momentum) starts afresh.")
