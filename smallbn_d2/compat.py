@@ -206,3 +206,21 @@ __all__ += ["inner_trainer", "registered_hooks", "route_load_model", "load_model
             "cycle_position", "set_cycle_position", "cycle_has_affine", "retinanet_head_levels",
             "torch_batch_norm_base", "tensor_version", "copy_state_dict_metadata", "register_state_dict_hook",
             "argument_parser_actions"]
+
+
+def own_parameters(module: Any) -> Dict[str, Any]:
+    """A module's own parameter table, the dict itself (torch's private ``Module._parameters``:
+    name -> ``nn.Parameter`` or None, in registration order, what ``named_parameters`` walks);
+    changing it changes the module. ``smallbn_d2.modeling.parity`` builds Detectron2's BN view of a
+    model with it (the same parameter objects under the same names). Checked against torch 2.13."""
+    return module._parameters
+
+
+def own_children(module: Any) -> Dict[str, Any]:
+    """A module's own child table, the dict itself (torch's private ``Module._modules``: name ->
+    child or None, a child held under two names listed twice, which ``named_children`` skips);
+    changing it changes the module. Used with :func:`own_parameters`. Checked against torch 2.13."""
+    return module._modules
+
+
+__all__ += ["own_parameters", "own_children"]

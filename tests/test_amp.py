@@ -101,6 +101,7 @@ def _reference(layer, call, t):
     return y, stats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["CBN", "MABN"])
 def test_bf16_autocast_in_a_detector(norm):
     cfg = _cfg(norm)
@@ -196,6 +197,7 @@ def _eval_reference(layer, x):
     return scale, b - rm * scale, F.batch_norm(xd, rm, rv, w, b, False, 0.0, layer.eps)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 @pytest.mark.parametrize("norm", ["CBN", "MABN"])
 def test_fp16_autocast_training_steps_on_cuda(norm):

@@ -125,6 +125,7 @@ def test_misspelt_key_in_a_config_file_names_the_file(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------ datasets root
+@pytest.mark.slow
 def test_missing_datasets_root_is_reported_with_the_places_looked_at(tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS="/nonexistent/datasets")
     out = tmp_path / "out"

@@ -45,6 +45,7 @@ def test_paired_ratios_are_per_step_not_ratios_of_medians():
     assert tool._inference_summary(times, "GN") == {"eval": None, "conv": None, "eval_ratio": None, "conv_ratio": None}
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_only_its_section(tmp_path):
     out = tmp_path / "BENCH.md"
     out.write_text("# keep me\n\n<!-- BEGIN benchmark_norms_1x -->\nold\n<!-- END benchmark_norms_1x -->\n<!-- BEGIN benchmark_norms_scratch_3x -->\nother\n<!-- END benchmark_norms_scratch_3x -->\n\ntail\n")

@@ -20,7 +20,7 @@ from smallbn_d2.data import register_coco_sample
 from smallbn_d2.engine import Trainer
 from smallbn_d2.layers import CrossIterationBatchNorm2d
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # slow: trains detectors or runs tools
 
 K, BURN_IN, ITERS = 4, 3, 8
 

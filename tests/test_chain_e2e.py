@@ -37,7 +37,7 @@ import torch
 
 from helpers import REPO, SAMPLE_ARGS
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # slow: trains detectors or runs tools
 
 TOOLS = os.path.join(REPO, "tools")
 TINY_YAML = os.path.join(REPO, "configs", "test", "tiny-mask_rcnn.yaml")

@@ -30,7 +30,7 @@ import smallbn_d2  # noqa: F401
 from smallbn_d2.compat import has_compiled_ops
 from smallbn_d2.data.sample import coco_sample_files
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # slow: trains detectors or runs tools
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FALLBACK_LOG = "COCO evaluation uses pycocotools' COCOeval instead of the fast COCOeval_opt"

@@ -83,6 +83,7 @@ def _direct_rows(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task,title", [("bbox", "Box AP (bbox)"), ("segm", "Mask AP (segm)")])
 def test_table_has_both_runs_with_their_numbers(compared, runs, task, title):
     markdown, _ = compared
@@ -113,6 +114,7 @@ def test_table_has_both_runs_with_their_numbers(compared, runs, task, title):
     assert published and all(rows[r]["model"] == "Mask R-CNN R50-FPN" for r in published)
 
 
+@pytest.mark.slow
 def test_plots_are_written_as_png(compared):
     import matplotlib.image
 
@@ -126,6 +128,7 @@ def test_plots_are_written_as_png(compared):
     assert (out_dir / "comparison.md").read_text().startswith("### Box AP (bbox)")
 
 
+@pytest.mark.slow
 def test_existing_plots_are_not_overwritten(compared, runs, capsys):
     _, out_dir = compared
     before = {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()}
@@ -135,6 +138,7 @@ def test_existing_plots_are_not_overwritten(compared, runs, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_results_in_the_log_match_metrics_json(runs):
     """--eval-only runs write no results to metrics.json; the reader then takes the log's
     "copypaste:" lines, which must agree with metrics.json where both exist."""
@@ -215,6 +219,7 @@ def test_inference_timer_counts_images_and_leaves_out_warmup_and_training(tmp_pa
 
 
 # ----------------------------------------------------------------------------- LazyConfig runs
+@pytest.mark.slow
 def test_compare_runs_reads_a_lazyconfig_run_folder(tmp_path):
     """A folder written by tools/lazyconfig_train_net.py (its config.yaml holds Detectron2 objects
     under !!python tags): the table describes the run from the config's own fields and shows the

@@ -44,6 +44,7 @@ def test_collect_env_reports_the_stub():
     assert "stub of smallbn_d2_detectron2_compat" in collect_env_info()
 
 
+@pytest.mark.slow
 def test_compiled_extension_is_used_untouched(tmp_path):
     """A real detectron2._C found by the normal import system wins over the fallback."""
     code = textwrap.dedent(
@@ -69,6 +70,7 @@ def test_compiled_extension_is_used_untouched(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_importing_smallbn_d2_compat_has_no_side_effects():
     """The module alone (loaded from its file, without the package) changes no import machinery
     and imports neither Detectron2 nor NumPy."""
@@ -101,3 +103,26 @@ def test_detectron2_code_paths_that_use_removed_aliases():
     t = ExtentTransform((0, 0, 4, 4), (2, 2))
     assert t.interp == Image.BILINEAR
     assert importlib.import_module("detectron2.model_zoo")  # pkg_resources (setuptools < 81)
+
+
+@pytest.mark.integration
+def test_retinanet_with_gn_builds_and_runs():
+    """compat.get_norm_channels: Detectron2 v0.6's RetinaNetHead probes get_norm("GN", 1) only for
+    the layer's type; with the fix the head builds GN layers of the real width (32 groups of 256
+    channels) and a training step runs. Without the fix v0.6 fails with GroupNorm's error."""
+    from detectron2.utils.events import EventStorage
+    from torch import nn
+
+    from helpers import coco_batches, tiny_cfg
+
+    assert compat.get_norm_channels("GN", 1) == 32
+    assert [compat.get_norm_channels(n, c) for n, c in (("GN", 64), ("BN", 1), ("FrozenBN", 1))] == [64, 1, 1]
+    cfg = tiny_cfg("retinanet", "GN", where=("retinanet_head",))
+    model = smallbn_d2.build_model(cfg)
+    gns = [m for m in model.head.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(gns) == 2 * cfg.MODEL.RETINANET.NUM_CONVS
+    assert all((m.num_groups, m.num_channels) == (32, model.head.cls_subnet[0].out_channels) for m in gns)
+    model.train()
+    with EventStorage(0):
+        losses = model(coco_batches(cfg, 1)[0])
+    assert torch.isfinite(sum(losses.values()))

@@ -44,6 +44,7 @@ def _block(kind):
     return nn.Sequential(conv, layer), iters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["CBN", "MABN"])
 def test_compiled_training_block_equals_eager(kind):
     torch._dynamo.reset()
@@ -83,6 +84,7 @@ def test_compiled_training_block_equals_eager(kind):
         assert sorted(layer.chi2_iters.tolist()) == [1, 2] and sorted(layer.psi_iters.tolist()) == [1, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["CBN", "MABN"])
 def test_with_unspecialized_module_ints_the_iterations_stop_recompiling(kind):
     """README's setting: 12 iterations (past CBN's burn-in, past MABN's warm-ups) compile at most

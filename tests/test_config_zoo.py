@@ -217,6 +217,7 @@ def _norm_buffers(model):
             if t.is_floating_point()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params", ZOO, ids=zoo_id)
 def test_config_builds_with_the_norm_at_every_place_and_takes_a_step(params):
     arch, norm, regime = params

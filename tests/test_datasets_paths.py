@@ -17,6 +17,7 @@ def run(code, env_update, cwd):
                           env=env, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 def test_import_sets_no_datasets_root_and_registers_no_sample(tmp_path):
     (tmp_path / "datasets").mkdir()  # a folder smallbn_d2 used to pick up by itself
     proc = run("""
@@ -39,6 +40,7 @@ def test_import_sets_no_datasets_root_and_registers_no_sample(tmp_path):
     assert "coco_2017_sample_val" in error and "register_coco_sample()" in error
 
 
+@pytest.mark.slow
 def test_env_var_is_the_root_and_missing_data_names_file_root_and_remedy(tmp_path):
     missing = tmp_path / "nowhere"
     proc = run("""

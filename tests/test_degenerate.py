@@ -118,6 +118,7 @@ def _without_annotations(batch):
 
 
 # ------------------------------------------------------------------ 0 RoIs in a head
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 def test_zero_rois_in_the_mask_head_leave_its_state_untouched(norm):
     cfg = _cfg(norm)
@@ -140,6 +141,7 @@ def test_zero_rois_in_the_mask_head_leave_its_state_untouched(norm):
 
 
 # ------------------------------------------------------------------ one image, one RoI
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 def test_one_image_with_one_roi(norm):
     cfg = _cfg(norm, ["SOLVER.IMS_PER_BATCH", 1, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 1,
@@ -159,6 +161,7 @@ def test_one_image_with_one_roi(norm):
 
 
 # ------------------------------------------------------------------ 1x1 feature maps
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 def test_one_by_one_feature_maps(norm):
     model, opt = _model(_cfg(norm))
@@ -174,6 +177,7 @@ def test_one_by_one_feature_maps(norm):
 
 
 # ------------------------------------------------------------------ all-zero input
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 def test_all_zero_input(norm):
     """Images equal to the pixel mean: the network input, and the stem norm's input, are exactly 0."""
@@ -205,6 +209,7 @@ def _poisoned(batch, value):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 def test_nan_input_never_enters_state_and_the_trainer_raises(norm, tmp_path):
     """Through the Trainer: iteration 1 has a NaN pixel. Detectron2 raises FloatingPointError and
@@ -232,6 +237,7 @@ def test_nan_input_never_enters_state_and_the_trainer_raises(norm, tmp_path):
     _assert_all_finite(trainer.model, _step(trainer.model, opt, good[1], 2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", NORMS)
 def test_inf_input_never_enters_state(norm):
     cfg = _cfg(norm)

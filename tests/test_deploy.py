@@ -200,6 +200,7 @@ def _trained_detector(arch, norm):
     return cfg, model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,norm", [("mask_rcnn", "CBN"), ("mask_rcnn", "MABN"),
                                        ("retinanet", "CBN"), ("retinanet", "MABN")])
 def test_detector_conversion_equivalence_save_and_load(arch, norm, tmp_path):
@@ -263,6 +264,7 @@ def _tool():
     return module
 
 
+@pytest.mark.slow
 def test_convert_tool(tmp_path, capsys):
     tool = _tool()
     cfg_file = os.path.join(REPO, "configs", "test", "tiny-mask_rcnn.yaml")

@@ -13,7 +13,7 @@ from helpers import coco_batches, tiny_cfg, train_steps
 from smallbn_d2 import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 from smallbn_d2.modeling import iteration_norms
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # slow: trains detectors or runs tools
 
 WHERE = {
     "faster_rcnn": ("backbone", "fpn", "box_head"),

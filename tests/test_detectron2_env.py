@@ -27,7 +27,7 @@ import pytest
 
 from smallbn_d2.data import SAMPLE_ROOT
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # slow: trains detectors or runs tools
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COCO = str(SAMPLE_ROOT)  # Detectron2's COCO layout: annotations/instances_train2017.json, train2017/

@@ -131,6 +131,7 @@ def test_mabn_batch_statistics_against_autograd():
 
 
 # ------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["projects/CBNStatistics/cbn_statistics.py",
                                     "projects/MABNStatistics/mabn_statistics.py"])
 def test_scripts_run_as_commands_from_a_checkout(script, tmp_path):

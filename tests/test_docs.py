@@ -243,6 +243,7 @@ def test_tools_found():
     assert "tools/train_net.py" in TOOLS and "tools/compare_runs.py" in TOOLS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", TOOLS)
 def test_tool_answers_help(tool, help_results):
     rc, out = help_results[tool]
@@ -292,6 +293,7 @@ def test_documented_options_parser():
                                              (6, "tools/a.py", "--inline")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("md", [os.path.relpath(f, REPO) for f in user_markdown_files()])
 def test_documented_tool_options_exist(md, help_results):
     """Every ``--option`` a document passes to a tool is one the tool's ``--help`` lists (so the
@@ -341,6 +343,7 @@ def test_options_without_help_finds_planted_ones():
     assert options_without_help(p.format_help()) == ["--bare BARE", "--flag"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", TOOLS)
 def test_tool_help_describes_the_tool_and_every_option(tool, help_results):
     rc, out = help_results[tool]
@@ -352,6 +355,7 @@ def test_tool_help_describes_the_tool_and_every_option(tool, help_results):
     assert options_without_help(out) == [], f"{tool} --help: options without help"
 
 
+@pytest.mark.slow
 def test_lazyconfig_tool_help_shows_lazyconfig_overrides(help_results):
     _, out = help_results["tools/lazyconfig_train_net.py"]
     assert "train.max_iter=" in out and "smallbn.norms.CBN.window_size=" in out
@@ -360,6 +364,7 @@ def test_lazyconfig_tool_help_shows_lazyconfig_overrides(help_results):
     assert "SOLVER.MAX_ITER 20" in out and "path.key=value" not in out
 
 
+@pytest.mark.slow
 def test_detectron2_main_script_answers_help():
     proc = subprocess.run(["bash", os.path.join(REPO, "tools", "test_detectron2_main.sh"), "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)

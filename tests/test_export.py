@@ -105,6 +105,7 @@ def test_tracing_adapter_found_and_detectron2_export_left_alone():
         assert cls is package.TracingAdapter
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm,fold", [("CBN", False), ("MABN", True)])
 def test_traced_converted_detector_equals_eager_on_real_images(norm, fold):
     model, inputs, ref = _model(norm)
@@ -135,6 +136,7 @@ def _tool():
     return module
 
 
+@pytest.mark.slow
 def test_export_tool_writes_torchscript_equal_to_eager_and_never_overwrites(tmp_path, capsys):
     cfg, state, inputs, ref = _trained("CBN")
     weights = str(tmp_path / "model_final.pth")
@@ -172,6 +174,7 @@ def test_export_tool_writes_torchscript_equal_to_eager_and_never_overwrites(tmp_
 
 
 # ----------------------------------------------------------------------------- ONNX
+@pytest.mark.slow
 def test_onnx_export_of_the_full_detector_equals_eager(tmp_path):
     pytest.importorskip("onnx", reason="ONNX export needs the 'onnx' package (installed by tools/install.sh)")
     ort = pytest.importorskip("onnxruntime", reason="running the ONNX model needs 'onnxruntime'")

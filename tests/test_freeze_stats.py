@@ -144,6 +144,7 @@ class _Recorder(HookBase):
         self.gammas.append({n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("norm.weight")})
 
 
+@pytest.mark.slow
 def test_trainer_freezes_statistics_from_the_configured_iteration(tmp_path):
     cfg = tiny_cfg("mask_rcnn", "CBN", where=("fpn",), opts=[
         "MODEL.ROI_BOX_HEAD.NORM", "MABN", "MODEL.RESNETS.NORM", "BN", "SOLVER.IMS_PER_BATCH", 1,

@@ -27,6 +27,7 @@ TOOL = os.path.join(REPO, "tools", "gpu_check.py")
 
 
 # ------------------------------------------------------------------------------------ refusal
+@pytest.mark.slow
 def test_refuses_without_a_driver_before_importing_torch(tmp_path):
     if gpu_check._driver_present():
         pytest.skip("an NVIDIA driver is present here: the no-driver refusal cannot be observed")
@@ -42,6 +43,7 @@ def test_refuses_without_a_driver_before_importing_torch(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_refuses_when_torch_sees_no_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
@@ -58,6 +60,7 @@ def test_refuses_when_torch_sees_no_cuda(tmp_path):
     assert not (tmp_path / "report").exists()
 
 
+@pytest.mark.slow
 def test_stdlib_modules_import_nothing_heavy():
     """What tools/gpu_check.py imports before the install must not need torch, Detectron2 or smallbn_d2."""
     code = textwrap.dedent(f"""
@@ -95,6 +98,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_stage_runner_limits_kills_the_group_records_failures_and_goes_on(tmp_path):
     pidfile = tmp_path / "grandchild.pid"
     hang = [sys.executable, "-c", "import subprocess, sys, time; p = subprocess.Popen(['sleep', '60']); "
@@ -342,6 +346,7 @@ def test_train_opts():
         train_opts("CBN", "cuda", False, 2, 1, "/o")
 
 
+@pytest.mark.slow
 def test_block_child_runs_on_cpu(tmp_path):
     from benchmarks import gpu
 
@@ -473,6 +478,7 @@ def test_prepared_wheel_folder_is_closed():
     assert gpu_setup.folder_size_bytes(folder) < 32 * 2**20  # travels with the working tree (64 MiB in all)
 
 
+@pytest.mark.slow
 def test_venv_made_from_a_venv_sees_its_creators_torch(tmp_path):
     if sys.prefix == sys.base_prefix:
         pytest.skip("this interpreter is not a venv: the case does not arise")

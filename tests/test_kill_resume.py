@@ -17,7 +17,7 @@ import torch
 
 from helpers import SAMPLE_ARGS
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # slow: trains detectors or runs tools
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "test", "tiny-mask_rcnn.yaml")

@@ -21,7 +21,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from smallbn_d2 import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d
 from smallbn_d2.lazy import burn_in_iterations, build_lazy_model, build_model_from_lazy_config, check_smallbn_field
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # slow: trains detectors or runs tools
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAZY = {"CBN": os.path.join(REPO, "configs/lazy/mask_rcnn_R_50_FPN_CBN.py"),

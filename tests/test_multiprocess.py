@@ -141,6 +141,7 @@ def two_process_results(tmp_path_factory):
     return torch.load(result_path, weights_only=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", list(NORMS))
 def test_two_cpu_processes_train_with_identical_weights(norm, two_process_results):
     r = two_process_results[norm]
@@ -172,6 +173,7 @@ NORM_OF_CLASS = {"BatchNorm2d": "BN", "CrossIterationBatchNorm2d": "CBN",
                  "NaiveCrossIterationBatchNorm2d": "NaiveCBN", "MovingAverageBatchNorm2d": "MABN"}
 
 
+@pytest.mark.slow
 def test_population_statistics_are_one_model_across_processes(two_process_results):
     """Before each checkpoint and evaluation the population statistics of every norm layer are
     averaged over the processes as moments: equal in both processes, equal to the checkpoint

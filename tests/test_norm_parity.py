@@ -254,6 +254,7 @@ def _randomize_statistics(model, steps=2):
                 m.bias.uniform_(-0.5, 0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", FAMILIES)
 def test_freezing_a_trained_stage_keeps_its_eval_output(norm):
     """Detectron2's own ResNet.freeze on a wired, trained model: the stage's CBN/MABN layers become
@@ -324,6 +325,7 @@ def _bn_places(model):
     return {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", FAMILIES)
 def test_precise_norm_and_freezing_reach_every_layer_at_bn_places(norm):
     from smallbn_d2.engine.freeze import freeze_norm_statistics, statistics_layers
@@ -346,6 +348,7 @@ def test_precise_norm_and_freezing_reach_every_layer_at_bn_places(norm):
     assert not any(m.training for _, m in iteration_norms(ours))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", FAMILIES)
 def test_eval_mode_is_a_per_channel_affine(norm):
     model = _build(_cfg(norm, freeze_at=0))
@@ -368,6 +371,7 @@ def test_eval_mode_is_a_per_channel_affine(norm):
         layer.float()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", FAMILIES)
 def test_checkpoint_round_trip(norm, tmp_path):
     from detectron2.utils.events import EventStorage

@@ -102,6 +102,31 @@ def test_every_name_of_the_installed_detectron2_keeps_working():
     assert smallbn_d2.supported_norms() == list(names) + ["CBN", "NaiveCBN", "MABN"]
 
 
+def _names_in_detectron2_source():
+    """The keys of the dict literal in the installed Detectron2's get_norm, read from its source
+    (independent of smallbn_d2's table, which asks get_norm itself)."""
+    import ast
+    import inspect
+    import textwrap
+
+    from smallbn_d2.modeling import norms
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(norms._original_get_norm())))
+    return {k.value for node in ast.walk(tree) if isinstance(node, ast.Dict)
+            for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+
+
+def test_detectron2_names_table_matches_the_installed_detectron2():
+    """DETECTRON2_NORM_NAMES holds every name the installed Detectron2 accepts (v0.6 and main,
+    tools/test_detectron2_main.sh), and detectron2_norm_names() finds exactly those."""
+    from smallbn_d2.modeling.norms import DETECTRON2_NORM_NAMES
+
+    in_source = _names_in_detectron2_source()
+    assert {"BN", "GN", "FrozenBN"} <= in_source
+    assert in_source <= set(DETECTRON2_NORM_NAMES), in_source - set(DETECTRON2_NORM_NAMES)
+    assert set(detectron2_norm_names()) == in_source
+
+
 def test_config_without_smallbn_keys_names_add_smallbn_config():
     from detectron2.config import get_cfg
 
@@ -277,6 +302,7 @@ def test_mask_rcnn_cbn_everywhere_is_wired_and_configured():
         assert layer.window_mu_grad.shape[0] == 2 and layer.window_nu_grad.shape[1:] == layer.conv.weight.shape
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["CBN", "MABN"])
 def test_retinanet_head_has_one_layer_per_level(norm):
     from detectron2.utils.events import EventStorage

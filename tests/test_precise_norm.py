@@ -173,6 +173,7 @@ def test_detector_precise_statistics_match_recorded_inputs(arch):
     assert all(m.training for m in model.modules())
 
 
+@pytest.mark.slow
 def test_trainer_replaces_detectron2_precise_bn(tmp_path):
     cfg = tiny_cfg("mask_rcnn", "CBN", where=("fpn",), opts=[
         "MODEL.ROI_BOX_HEAD.NORM", "MABN", "MODEL.RESNETS.NORM", "BN", "SOLVER.IMS_PER_BATCH", 1,

@@ -11,7 +11,6 @@ import glob
 import math
 import os
 import re
-import time
 
 import pytest
 import torch
@@ -189,12 +188,10 @@ def _modules_at(model):
           mask_head=MovingAverageBatchNorm2d)),
 ], ids=["cbn_release", "mabn_release"])
 def test_one_model_per_family_builds_with_the_released_norms(leaf, expected):
-    """Full R50-FPN on CPU (about 2 s each): the norm at every place and the layers' settings."""
+    """Full R50-FPN on CPU: the norm at every place and the layers' settings."""
     cfg = load_config(os.path.join(REPO, leaf), ["MODEL.DEVICE", "cpu"])
     cfg = resolve_burn_in(cfg, None) if cfg.MODEL.CBN.BURN_IN_UNTIL_LR_STEP else cfg
-    t0 = time.perf_counter()
     model = smallbn_d2.build_model(cfg)
-    assert time.perf_counter() - t0 < 60
     assert _modules_at(model) == expected
     cbn = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
     mabn = [m for m in model.modules() if isinstance(m, MovingAverageBatchNorm2d)]

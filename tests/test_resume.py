@@ -126,6 +126,7 @@ def _model_state(trainer):
     return {k: v.detach().clone() for k, v in trainer.checkpointer.model.state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["BN", "CBN", "MABN"])
 def test_resume_is_exact(norm, tmp_path, one_thread):
     cfg = resume_cfg(norm, tmp_path / "straight")
@@ -181,6 +182,7 @@ def _cross_state(state, norm):
     return {k: v for k, v in state.items() if any(s in k.rsplit(".", 1)[-1] for s in keys)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["CBN", "MABN"])
 def test_resume_of_a_finished_run_takes_the_full_checkpoint_of_the_same_iteration(norm, tmp_path, one_thread, caplog):
     """``--resume`` of a finished run (``last_checkpoint`` = model_final.pth, which leaves out the
@@ -206,6 +208,7 @@ def test_resume_of_a_finished_run_takes_the_full_checkpoint_of_the_same_iteratio
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["CBN", "MABN"])
 def test_resume_from_a_final_checkpoint_alone_warns_what_restarts(norm, tmp_path, one_thread, caplog):
     """Without a periodic checkpoint of the last iteration (the main job writes none), resuming

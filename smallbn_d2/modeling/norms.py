@@ -341,10 +341,8 @@ def _detectron2_probe_layers() -> Dict[str, nn.Module]:
 
 
 def _detectron2_bn_names() -> Tuple[str, ...]:
-    from torch.nn.modules.batchnorm import _BatchNorm
-
     return tuple(n for n, m in _detectron2_probe_layers().items()
-                 if isinstance(m, _BatchNorm) and m.track_running_stats)
+                 if isinstance(m, compat.torch_batch_norm_base()) and m.track_running_stats)
 
 
 def cuda_only_norms() -> Tuple[str, ...]:

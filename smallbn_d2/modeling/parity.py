@@ -23,16 +23,17 @@ trains, and both recognize norms by a fixed list of classes that cannot know sma
   and calls ``FrozenBatchNorm2d.convert_frozen_batchnorm`` (it converts only
   ``BatchNorm2d``/``SyncBatchNorm``). :func:`convert_frozen_batchnorm` below extends that
   classmethod: a CBN/NaiveCBN/MABN layer becomes a ``FrozenBatchNorm2d`` with the layer's
-  eval-mode affine (``eval_affine()``, converted by :mod:`smallbn_d2.deploy.convert`, the
+  eval-mode affine (``eval_affine()``, converted by :mod:`smallbn_d2.deploy.to_frozen_bn`, the
   function of ``smallbn_d2.convert_to_frozen_bn``); its producing conv is released (CBN stops
   capturing the conv's input; MABN's weight centralization is baked into a plain weight), so a
   frozen stage is plain convs and FrozenBN, as with BN. Detectron2 freezes while it builds the
   backbone, before the wiring step attaches convs, so there the convs were never touched.
   Everything else is handed to Detectron2's unchanged classmethod.
 
-Both are installed by :func:`smallbn_d2.modeling.norms.install` (``import smallbn_d2``), by the
+Both are installed by :func:`smallbn_d2.modeling.norms.install` (when ``smallbn_d2.modeling`` is
+first imported), by the
 mechanism it uses for ``get_norm``: the *code* of Detectron2's function is replaced by a call
-into this module, so every reference to it (taken before or after ``import smallbn_d2``; the
+into this module, so every reference to it (taken before or after the install; the
 LazyConfig ``_target_`` ``detectron2.solver.build.get_default_optimizer_params``) behaves the
 same, and its name, module, docstring, signature and defaults stay Detectron2's.
 """
@@ -46,6 +47,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from .. import compat
 from ..layers import IterationNormBase, is_weight_centralized, remove_weight_centralization
 
 __all__ = ["bn_view", "get_default_optimizer_params", "convert_frozen_batchnorm", "install", "FROZEN_FROM"]
@@ -63,24 +65,25 @@ _d2_convert_frozen_batchnorm: Optional[Callable] = None
 def _stand_in(layer: IterationNormBase, children: Dict[str, Optional[nn.Module]]) -> nn.BatchNorm2d:
     """A genuine ``nn.BatchNorm2d`` holding ``layer``'s own parameter objects and ``children``."""
     bn = nn.BatchNorm2d(layer.num_features, affine=False, track_running_stats=False)
-    bn._parameters.clear()
-    bn._parameters.update(layer._parameters)
-    bn._modules.update(children)
+    compat.own_parameters(bn).clear()
+    compat.own_parameters(bn).update(compat.own_parameters(layer))
+    compat.own_children(bn).update(children)
     return bn
 
 
 def _mirror(module: nn.Module, memo: Dict[int, nn.Module]) -> nn.Module:
     if id(module) in memo:  # a module held at two places stays one module (named_modules dedup)
         return memo[id(module)]
-    children = {name: (None if child is None else _mirror(child, memo)) for name, child in module._modules.items()}
+    children = {name: (None if child is None else _mirror(child, memo))
+                for name, child in compat.own_children(module).items()}
     if isinstance(module, IterationNormBase):
         node: nn.Module = _stand_in(module, children)
-    elif all(children[name] is child for name, child in module._modules.items()):
+    elif all(children[name] is child for name, child in compat.own_children(module).items()):
         node = module  # no CBN/MABN below: the module itself
     else:  # an ancestor of a CBN/MABN layer: its own parameters, mirrored children, same order
         node = nn.Module()
-        node._parameters.update(module._parameters)
-        node._modules.update(children)
+        compat.own_parameters(node).update(compat.own_parameters(module))
+        compat.own_children(node).update(children)
     memo[id(module)] = node
     return node
 
@@ -166,7 +169,7 @@ def _frozen_layer(cls: type, layer: IterationNormBase) -> nn.Module:
     from ..deploy.to_frozen_bn import frozen_bn_from_affine as _frozen
 
     frozen = _frozen(*layer.eval_affine())
-    if "num_batches_tracked" in frozen._buffers:  # Detectron2 main's FrozenBN keeps BN's counter
+    if "num_batches_tracked" in dict(frozen.named_buffers(recurse=False)):  # Detectron2 main's FrozenBN keeps BN's counter
         counter = getattr(layer, "num_batches_tracked", None)
         frozen.num_batches_tracked = (counter.detach().clone() if counter is not None
                                       else frozen.running_mean.new_zeros((), dtype=torch.long))
