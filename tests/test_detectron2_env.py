@@ -371,10 +371,10 @@ import torch
 
 order = sys.argv[1]
 if order == "smallbn_d2 first":
-    import smallbn_d2
+    import smallbn_d2.modeling  # the integration floor: extends get_norm
 import detectron2.modeling
 if order == "smallbn_d2 after detectron2.modeling":
-    import smallbn_d2
+    import smallbn_d2.modeling
 from fvcore.common.registry import Registry
 import detectron2.layers
 from detectron2.layers import batch_norm
