@@ -3,7 +3,7 @@
 Detectron2's LazyConfig files describe the model as a tree of ``LazyCall`` nodes
 (``model = L(GeneralizedRCNN)(backbone=L(FPN)(..., norm="CBN"), ...)``) that
 ``detectron2.config.instantiate`` builds bottom-up. ``norm="CBN"``, ``"NaiveCBN"`` or ``"MABN"``
-works there as in YAML configs (``import smallbn_d2`` teaches Detectron2's ``get_norm`` these
+works there as in YAML configs (importing this module teaches Detectron2's ``get_norm`` these
 names); what a lazy model needs in addition is what :func:`smallbn_d2.build_model` does for
 YAML configs: the hyperparameters in force while the layers are built, and each layer attached
 to its producing conv afterwards. :func:`build_lazy_model` does both.
