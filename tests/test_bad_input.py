@@ -177,6 +177,7 @@ def _save(model, tmp_path, name):
     return str(tmp_path / f"{name}.pth")
 
 
+@pytest.mark.slow
 def test_cbn_window_of_another_size_is_refused_on_resume(tmp_path):
     """A run resumed with another MODEL.CBN.WINDOW_SIZE than its checkpoint's: error, nothing loaded."""
     old = smallbn_d2.build_model(tiny_cfg("mask_rcnn", "CBN", opts=["MODEL.CBN.WINDOW_SIZE", 4]))
@@ -198,6 +199,7 @@ def test_cbn_window_of_another_size_is_refused_on_resume(tmp_path):
     assert trainer.start_iter == 0
 
 
+@pytest.mark.slow
 def test_mabn_buffer_of_another_size_is_refused(tmp_path):
     old = smallbn_d2.build_model(tiny_cfg("mask_rcnn", "MABN", where=["fpn"], opts=["MODEL.MABN.BUFFER_SIZE", 16]))
     path = _save(old, tmp_path, "mabn")

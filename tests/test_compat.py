@@ -105,6 +105,7 @@ def test_detectron2_code_paths_that_use_removed_aliases():
     assert importlib.import_module("detectron2.model_zoo")  # pkg_resources (setuptools < 81)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_retinanet_with_gn_builds_and_runs():
     """compat.get_norm_channels: Detectron2 v0.6's RetinaNetHead probes get_norm("GN", 1) only for

@@ -90,6 +90,7 @@ def _check_loaded(target, source):
     return checked
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source_norm", ["BN", "FrozenBN"])
 @pytest.mark.parametrize("target_norm", ["CBN", "MABN"])
 def test_mask_rcnn_checkpoint_loads_across_norms(source_norm, target_norm, tmp_path):

@@ -292,6 +292,7 @@ def bn_checkpoint(tmp_path_factory):
     return os.path.join(folder, "bn.pth")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpointer", ["detectron2", "smallbn_d2"])
 @pytest.mark.parametrize("norm", FAMILIES)
 def test_bn_checkpoint_loads_into_frozen_stages_as_into_bn(norm, checkpointer, bn_checkpoint):

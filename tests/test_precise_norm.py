@@ -135,6 +135,7 @@ def test_precise_norm_hook_schedule():
         PreciseNorm(0, net, [], 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mask_rcnn", "retinanet"])
 def test_detector_precise_statistics_match_recorded_inputs(arch):
     """CBN (FPN), MABN (box head / RetinaNet head, per FPN level), BN (backbone) in one pass."""
