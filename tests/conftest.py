@@ -6,12 +6,16 @@ use the COCO 2017 sample shipped with the package (``coco_2017_sample_train`` /
 ``smallbn_d2.data.register_coco_sample()``; ``tests/helpers.py``'s ``tiny_cfg`` and ``SAMPLE_ARGS``
 put it in the tiny configs, and the tools run by the tests (tools/train_net.py, ...) register it
 themselves. Only the tests that need Detectron2's builtin names (``coco_2017_train``,
-``coco_2017_val``) on real files -- the 80 + 79 image COCO 2017 subset, e.g. to check the sample
-against its source or how ``$DETECTRON2_DATASETS`` resolves -- are marked
+``coco_2017_val``) on real COCO 2017 files (to check the sample
+against its source or how ``$DETECTRON2_DATASETS`` resolves) are marked
 ``@pytest.mark.coco_subset`` and skip, with the reason, when those files are missing. The builtin
 names resolve under ``$DETECTRON2_DATASETS``, read once when ``detectron2.data`` is first imported:
-if it is unset and the shared subset (``<repo>/../shared/datasets``) exists, it is set to that
-folder first thing here.
+if it is unset and a ``datasets`` folder beside the repository (``<repo>/../shared/datasets``)
+exists, it is set to that folder first thing here.
+
+Markers (``pytest.ini``; docs/TESTING.md): ``slow`` (trains a detector, runs a tool or a second
+Python in a subprocess, or runs Detectron2's COCO evaluation; ``pytest -m "not slow"`` is the fast
+subset), ``integration`` (runs Detectron2 itself) and ``coco_subset`` (below).
 
 ``SMALLBN_D2_EXPECT_DETECTRON2=DIR`` (set by tools/test_detectron2_main.sh) makes the run fail at
 start unless the imported ``detectron2`` package is ``DIR``: a run meant for Detectron2 main
