@@ -165,7 +165,7 @@ CHECKS = [
         "layers = [m for m in trainer.model.modules() if isinstance(m, CrossIterationBatchNorm2d)]\n"
         "assert trainer.iter == cfg.SOLVER.MAX_ITER == 10 and len(layers) > 20\n"
         "assert all(m.iteration == 9 for m in layers), 'the layers did not follow the trainer iteration'\n"
-        "assert all(m.burn_in == 36 and m.window_size == 8 for m in layers)  # 3 epochs x 24 images / 2\n"
+        "assert all(m.burn_in == 360 and m.window_size == 8 for m in layers)  # until the first LR step\n"
         "print('CHECK OK')\n")),
     ("trainer = Trainer(cfg)", _check_trainer, ""),
     ("smallbn_d2.convert_norm(model, \"CBN\"", _check_convert_norm, (
