@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..compat import tensor_version
 from .hyperparameters import POSITIVE, Range
 
 __all__ = ["IterationNormBase", "NormNotWiredError"]
@@ -122,7 +123,7 @@ class IterationNormBase(nn.Module):
         if conv is None:
             return
         weight = conv.parametrizations.weight.original if parametrize.is_parametrized(conv, "weight") else conv.weight
-        version = weight._version
+        version = tensor_version(weight)
         if self.iteration == self._seen_iteration and version != self._seen_weight_version:
             self._stale_steps += 1
             if self._stale_steps > self.STALE_STEPS_ALLOWED:

@@ -292,7 +292,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
 
     def cross_iteration_state_keys(self):
         """The window (``window_*``) and ``num_batches_tracked``."""
-        return tuple(k for k in self._buffers if k.startswith("window_")) + ("num_batches_tracked",)
+        return tuple(k for k, _ in self.named_buffers(recurse=False) if k.startswith("window_")) + ("num_batches_tracked",)
 
     def state_shape_hint(self, key, checkpoint_shape):
         """Window buffers have k - 1 rows: name the window size to set."""

@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..compat import register_state_dict_hook
+
 __all__ = [
     "WeightCentralization",
     "CentralizedConv",
@@ -91,10 +93,7 @@ def _load_weight_from_plain_name(module, state_dict, prefix, local_metadata, str
 
 
 def _register_hooks(conv: nn.Module) -> None:
-    if hasattr(conv, "register_state_dict_post_hook"):
-        conv.register_state_dict_post_hook(_save_weight_under_plain_name)
-    else:  # torch < 2.1: the private API (returning None keeps the in-place edit)
-        conv._register_state_dict_hook(_save_weight_under_plain_name)
+    register_state_dict_hook(conv, _save_weight_under_plain_name)  # public post hook where torch has it
     if hasattr(conv, "register_load_state_dict_pre_hook"):
         conv.register_load_state_dict_pre_hook(_load_weight_from_plain_name)
     else:
