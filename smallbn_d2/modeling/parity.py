@@ -148,20 +148,33 @@ def _unchanged_copy(target: Callable, name: str) -> Callable:
     return copy
 
 
+def _redirect(module: types.ModuleType, target: Callable, handler: Callable,
+              make_code: Callable[[], types.CodeType], original: str) -> None:
+    """Make Detectron2's function ``target`` (of ``module``) call ``handler``, once.
+
+    ``handler`` is put in ``module``'s globals as ``_smallbn_<handler name>``, which the code from
+    ``make_code()`` calls; an unchanged copy of ``target`` goes to this module's global
+    ``original``. A second call (e.g. after this module was reloaded) only points the global at
+    the new ``handler`` and recovers the unchanged copy from the first install."""
+    key = f"_smallbn_{handler.__name__}"
+    existing = module.__dict__.get(key)
+    if existing is None:
+        globals()[original] = _unchanged_copy(target, f"detectron2_{target.__name__}")
+        module.__dict__[key] = handler
+        target.__code__ = make_code()
+    else:
+        if globals()[original] is None:
+            globals()[original] = existing.__globals__.get(original)
+        module.__dict__[key] = handler
+
+
 def _install_optimizer_params() -> None:
-    global _d2_get_default_optimizer_params
     from detectron2.solver import build
 
     target = build.get_default_optimizer_params
-    existing = build.__dict__.get("_smallbn_get_default_optimizer_params")
-    if existing is not None:
-        _d2_get_default_optimizer_params = (_d2_get_default_optimizer_params
-                                            or existing.__globals__.get("_d2_get_default_optimizer_params"))
-        build.__dict__["_smallbn_get_default_optimizer_params"] = get_default_optimizer_params
-        return
-    _d2_get_default_optimizer_params = _unchanged_copy(target, "detectron2_get_default_optimizer_params")
-    build.__dict__["_smallbn_get_default_optimizer_params"] = get_default_optimizer_params
-    target.__code__ = _forwarding_code(target, "_smallbn_get_default_optimizer_params")
+    _redirect(build, target, get_default_optimizer_params,
+              lambda: _forwarding_code(target, "_smallbn_get_default_optimizer_params"),
+              "_d2_get_default_optimizer_params")
 
 
 # ----------------------------------------------------------------------------- frozen stages
@@ -218,19 +231,11 @@ def _frozen_trampoline(cls, module):  # its code becomes Detectron2's classmetho
 
 
 def _install_frozen_conversion() -> None:
-    global _d2_convert_frozen_batchnorm
     from detectron2.layers import batch_norm
 
     target = batch_norm.FrozenBatchNorm2d.__dict__["convert_frozen_batchnorm"].__func__
-    existing = batch_norm.__dict__.get("_smallbn_convert_frozen_batchnorm")
-    if existing is not None:
-        _d2_convert_frozen_batchnorm = (_d2_convert_frozen_batchnorm
-                                        or existing.__globals__.get("_d2_convert_frozen_batchnorm"))
-        batch_norm.__dict__["_smallbn_convert_frozen_batchnorm"] = convert_frozen_batchnorm
-        return
-    _d2_convert_frozen_batchnorm = _unchanged_copy(target, "detectron2_convert_frozen_batchnorm")
-    batch_norm.__dict__["_smallbn_convert_frozen_batchnorm"] = convert_frozen_batchnorm
-    target.__code__ = _frozen_trampoline.__code__
+    _redirect(batch_norm, target, convert_frozen_batchnorm, lambda: _frozen_trampoline.__code__,
+              "_d2_convert_frozen_batchnorm")
 
 
 def install() -> None:
