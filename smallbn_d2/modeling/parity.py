@@ -182,7 +182,9 @@ def _frozen_layer(cls: type, layer: IterationNormBase) -> nn.Module:
     from ..deploy.to_frozen_bn import frozen_bn_from_affine as _frozen
 
     frozen = _frozen(*layer.eval_affine())
-    if "num_batches_tracked" in dict(frozen.named_buffers(recurse=False)):  # Detectron2 main's FrozenBN keeps BN's counter
+    # Detectron2 main's FrozenBN registers BN's counter as a buffer (None until set; named_buffers
+    # skips None buffers, hence hasattr); v0.6's has none
+    if hasattr(frozen, "num_batches_tracked"):
         counter = getattr(layer, "num_batches_tracked", None)
         frozen.num_batches_tracked = (counter.detach().clone() if counter is not None
                                       else frozen.running_mean.new_zeros((), dtype=torch.long))
