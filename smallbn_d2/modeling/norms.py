@@ -45,7 +45,6 @@ import contextlib
 import contextvars
 import functools
 import logging
-import types
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
@@ -288,15 +287,7 @@ def install() -> None:
     from . import parity
 
     parity.install()
-    target = batch_norm.get_norm
-    existing = batch_norm.__dict__.get("_smallbn_get_norm")
-    if existing is not None:
-        _d2_get_norm = _d2_get_norm or existing.__globals__.get("_d2_get_norm")
-        return
-    _d2_get_norm = types.FunctionType(target.__code__, target.__globals__, "detectron2_get_norm",
-                                      target.__defaults__, target.__closure__)
-    batch_norm.__dict__["_smallbn_get_norm"] = get_norm
-    target.__code__ = _trampoline.__code__
+    _d2_get_norm = parity.redirect_function(batch_norm, batch_norm.get_norm, get_norm, lambda: _trampoline.__code__)
 
 
 def register_norm(family: NormFamily) -> None:

@@ -50,7 +50,8 @@ from torch import nn
 from .. import compat
 from ..layers import IterationNormBase, is_weight_centralized, remove_weight_centralization
 
-__all__ = ["bn_view", "get_default_optimizer_params", "convert_frozen_batchnorm", "install", "FROZEN_FROM"]
+__all__ = ["bn_view", "get_default_optimizer_params", "convert_frozen_batchnorm", "redirect_function", "install",
+           "FROZEN_FROM"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,33 +149,36 @@ def _unchanged_copy(target: Callable, name: str) -> Callable:
     return copy
 
 
-def _redirect(module: types.ModuleType, target: Callable, handler: Callable,
-              make_code: Callable[[], types.CodeType], original: str) -> None:
-    """Make Detectron2's function ``target`` (of ``module``) call ``handler``, once.
+def redirect_function(module: types.ModuleType, target: Callable, handler: Callable,
+                      make_code: Callable[[], types.CodeType]) -> Callable:
+    """Make Detectron2's function ``target`` (a function of ``module``) call ``handler``, once.
 
     ``handler`` is put in ``module``'s globals as ``_smallbn_<handler name>``, which the code from
-    ``make_code()`` calls; an unchanged copy of ``target`` goes to this module's global
-    ``original``. A second call (e.g. after this module was reloaded) only points the global at
-    the new ``handler`` and recovers the unchanged copy from the first install."""
-    key = f"_smallbn_{handler.__name__}"
-    existing = module.__dict__.get(key)
-    if existing is None:
-        globals()[original] = _unchanged_copy(target, f"detectron2_{target.__name__}")
-        module.__dict__[key] = handler
+    ``make_code()`` calls; that code replaces ``target``'s, so every reference to ``target`` (taken
+    before or after) runs it, and ``target`` keeps its name, module, docstring and signature. An
+    unchanged copy of ``target`` is kept in ``module``'s globals as
+    ``_smallbn_original_<target name>``. A second call (e.g. after a reload of smallbn_d2's
+    modules) only points the global at the new ``handler``.
+
+    Returns:
+        the unchanged copy of ``target`` (named ``detectron2_<name>``). Raises nothing.
+    """
+    original_key = f"_smallbn_original_{target.__name__}"
+    module.__dict__[f"_smallbn_{handler.__name__}"] = handler
+    if original_key not in module.__dict__:
+        module.__dict__[original_key] = _unchanged_copy(target, f"detectron2_{target.__name__}")
         target.__code__ = make_code()
-    else:
-        if globals()[original] is None:
-            globals()[original] = existing.__globals__.get(original)
-        module.__dict__[key] = handler
+    return module.__dict__[original_key]
 
 
 def _install_optimizer_params() -> None:
+    global _d2_get_default_optimizer_params
     from detectron2.solver import build
 
     target = build.get_default_optimizer_params
-    _redirect(build, target, get_default_optimizer_params,
-              lambda: _forwarding_code(target, "_smallbn_get_default_optimizer_params"),
-              "_d2_get_default_optimizer_params")
+    _d2_get_default_optimizer_params = redirect_function(
+        build, target, get_default_optimizer_params,
+        lambda: _forwarding_code(target, "_smallbn_get_default_optimizer_params"))
 
 
 # ----------------------------------------------------------------------------- frozen stages
@@ -233,11 +237,12 @@ def _frozen_trampoline(cls, module):  # its code becomes Detectron2's classmetho
 
 
 def _install_frozen_conversion() -> None:
+    global _d2_convert_frozen_batchnorm
     from detectron2.layers import batch_norm
 
     target = batch_norm.FrozenBatchNorm2d.__dict__["convert_frozen_batchnorm"].__func__
-    _redirect(batch_norm, target, convert_frozen_batchnorm, lambda: _frozen_trampoline.__code__,
-              "_d2_convert_frozen_batchnorm")
+    _d2_convert_frozen_batchnorm = redirect_function(batch_norm, target, convert_frozen_batchnorm,
+                                                     lambda: _frozen_trampoline.__code__)
 
 
 def install() -> None:
