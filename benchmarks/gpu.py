@@ -38,7 +38,7 @@ FILE (the raw numbers; :mod:`.gpu_report` turns them into tables). Modes:
   a gradient scaler on CUDA), ``--iters`` iterations, ``--num-gpus`` processes (NCCL on CUDA),
   then the final COCO evaluation; CBN's burn-in and MABN's warm-ups are shortened to a third of
   the run so that the full layers train. The run's files are read back with
-  :func:`smallbn_d2.utils.run_metrics.load_run`. Result: ``{"norm", "device", "amp",
+  ``load_run`` of ``tools/run_report/run_metrics.py``. Result: ``{"norm", "device", "amp",
   "num_gpus", "max_iter", "images_per_iter", "returncode", "iterations", "losses": [[it,
   total_loss]], "all_finite", "s_per_iter", "peak_memory_mb", "peak_memory_kind", "test_set",
   "results": {task: {metric: AP}}, "inference_s_per_image", "command"}``; exit status 3 when
@@ -299,7 +299,8 @@ def train_run(args) -> Dict:
     Returns:
         the result dict (``returncode`` is train_net.py's exit status).
     """
-    from smallbn_d2.utils.run_metrics import RunNotFoundError, load_run
+    sys.path.insert(0, os.path.join(_REPO, "tools"))  # run_report/ (beside the tools, not installed)
+    from run_report.run_metrics import RunNotFoundError, load_run
 
     cmd = [sys.executable, os.path.join(_REPO, "tools", "train_net.py"), "--config-file", SAMPLE_CONFIG,
            "--num-gpus", str(args.num_gpus)]

@@ -18,7 +18,9 @@ import yaml
 
 from helpers import REPO, SAMPLE_ARGS
 from smallbn_d2.engine import load_config
-from smallbn_d2.utils.run_metrics import (
+
+sys.path.insert(0, os.path.join(REPO, "tools"))  # run_report/ lives beside the tools, not in the package
+from run_report.run_metrics import (  # noqa: E402
     RunNotFoundError,
     describe_norms,
     images_per_gpu,

@@ -1,11 +1,15 @@
-"""The end-of-run summary of tools/train_net.py (smallbn_d2.utils.summary)."""
+"""The end-of-run summary of tools/train_net.py (tools/run_report/summary.py)."""
 import json
 import os
+import sys
 
 from detectron2.config import CfgNode
 
-from smallbn_d2.utils.summary import (FIT_CHECK_LABEL, final_results, format_duration, format_summary, loss_trend,
-                                      run_summary)
+from helpers import REPO
+
+sys.path.insert(0, os.path.join(REPO, "tools"))  # run_report/ lives beside the tools, not in the package
+from run_report.summary import (FIT_CHECK_LABEL, eval_summary, final_results, format_duration,  # noqa: E402
+                                format_summary, loss_trend, run_summary)
 
 VAL, TRAIN = "coco_2017_sample_val", "coco_2017_sample_train"
 
@@ -62,7 +66,7 @@ def test_run_summary_reads_metrics_json_and_names_the_compare_tool(tmp_path):
              f"{TRAIN}/segm/AP": 6.0}]
     (out / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = CfgNode({"OUTPUT_DIR": str(out), "DATASETS": {"TRAIN": (TRAIN,), "TEST": (VAL, TRAIN)}})
-    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "compare_runs.py")
+    tool = os.path.join(REPO, "tools", "compare_runs.py")
     text = run_summary(cfg, 12.0, "/usr/bin/python3", tool)
     assert "box AP 0.700, mask AP 0.300" in text and "box AP 9.000, mask AP 6.000" in text
     assert "2.000 after 20 iterations, 1.500 after 40" in text
@@ -89,8 +93,6 @@ def test_summary_gives_the_loss_trend_in_one_based_iteration_counts():
 
 
 def test_eval_summary_reads_the_results_of_one_or_several_test_sets():
-    from smallbn_d2.utils.summary import eval_summary
-
     cfg = CfgNode({"OUTPUT_DIR": "out/eval", "MODEL": {"WEIGHTS": "run/model_final.pth"},
                    "DATASETS": {"TRAIN": (TRAIN,), "TEST": (VAL,)}})
     text = eval_summary(cfg, {"bbox": {"AP": 1.25, "AP50": 3.0}, "segm": {"AP": 0.5}}, 12.0)  # DefaultTrainer.test

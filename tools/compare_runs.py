@@ -10,15 +10,17 @@ config.yaml and log.txt); ``--published`` adds the papers' numbers as rows label
 Writes ``ap_vs_iter.png`` and ``loss_curves.png`` (and the table as ``comparison.md``) to
 ``--output-dir`` (default ``compare_runs``; ``--out-dir``, its former name, still works), refusing
 to overwrite them without ``--overwrite``.
-Reading: :mod:`smallbn_d2.utils.run_metrics`; tables and plots: :mod:`smallbn_d2.utils.compare`.
+Reading: ``tools/run_report/run_metrics.py``; tables and plots: ``tools/run_report/compare.py``.
 """
 import argparse
 import os
 import sys
 
 from smallbn_d2.engine import check_output_dir
-from smallbn_d2.utils.compare import comparison_markdown, plot_ap, plot_losses
-from smallbn_d2.utils.run_metrics import load_run
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run_report/, also when loaded by importlib
+from run_report.compare import comparison_markdown, plot_ap, plot_losses  # noqa: E402
+from run_report.run_metrics import load_run  # noqa: E402
 
 
 def main(argv=None):
