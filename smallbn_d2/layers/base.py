@@ -1,26 +1,6 @@
-"""Shared machinery of the cross-iteration normalization layers (CBN, NaiveCBN, MABN).
-
-Both layer families carry state across *trainer iterations* and both need the conv that
-produces their input (CBN differentiates its statistics with respect to that conv's weight;
-MABN centralizes that weight). This module holds what they share, and the interface through
-which everything above the layers (PreciseBN, freezing of statistics, conversion to FrozenBN,
-checkpoint mapping) works with any of them without asking which one it is:
-
-* the trainer iteration (0-based), set from outside by :meth:`IterationNormBase.set_iteration`
-  (the Detectron2 hook :class:`smallbn_d2.engine.NormIterationHook` does it before every step),
-  never counted from forward calls;
-* the link to the producing conv, :meth:`IterationNormBase.attach_conv`, kept outside
-  ``_modules`` so that it appears neither in ``state_dict`` nor twice in ``named_modules``;
-* the learnable affine parameters ``weight`` (gamma) and ``bias`` (beta), shape (C,);
-* population statistics as a per-channel affine map: :meth:`eval_affine` (what FrozenBN gets),
-  :meth:`statistics_from_moments` and :meth:`population_state` (what PreciseBN and a BN
-  checkpoint give the layer), :meth:`set_population_statistics`;
-* the cross-iteration state (:meth:`cross_iteration_state_keys`), which a checkpoint of another
-  norm cannot hold, and :meth:`mode_dependents`, the modules that follow the layer into eval mode.
-
-Hyperparameters are constructor arguments only, checked against the class's
-``HYPERPARAMETERS`` table (:mod:`smallbn_d2.layers.hyperparameters`); there is no
-reconfiguration after construction.
+"""What CBN, NaiveCBN and MABN share: the trainer iteration, the producing conv, the affine
+parameters, and the interface through which PreciseBN, freezing, conversion to FrozenBN and
+checkpoint mapping work with any of them. See docs/ARCHITECTURE.md, "The layers".
 """
 from __future__ import annotations
 
@@ -31,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..compat import tensor_version
-from .hyperparameters import POSITIVE, Range
+from .hyperparameters import INT_AT_LEAST_1, POSITIVE, Range
 
 __all__ = ["IterationNormBase", "NormNotWiredError"]
 
@@ -43,9 +23,12 @@ class NormNotWiredError(RuntimeError):
 class IterationNormBase(nn.Module):
     """Base class of :class:`CrossIterationBatchNorm2d` and :class:`MovingAverageBatchNorm2d`.
 
+    Hyperparameters are constructor arguments only, checked against the class's
+    ``HYPERPARAMETERS`` table.
+
     Args:
         num_features: C, the number of channels of the (N, C, H, W) input.
-        eps: added to the variance (or E[x^2]) inside the square root, > 0.
+        eps: > 0, added to the variance (or E[x^2]) inside the square root.
         affine: learn gamma (``weight``, ones) and beta (``bias``, zeros), each of shape (C,).
 
     Raises:
@@ -57,9 +40,7 @@ class IterationNormBase(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True):
         super().__init__()
-        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(f"num_features = {num_features!r} is invalid; allowed: an integer >= 1")
-        self.num_features = num_features
+        self.num_features = INT_AT_LEAST_1.check(num_features, "num_features")
         self.eps = self.HYPERPARAMETERS["eps"].check(eps, "eps")
         self.affine = affine
         if affine:
@@ -69,6 +50,7 @@ class IterationNormBase(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         self.iteration: Optional[int] = None
+        # outside _modules: the conv appears neither in state_dict nor twice in named_modules
         self.__dict__["_producer_conv"] = None
         # watch for training steps without an advancing iteration (see _watch_iteration)
         self._seen_iteration: Optional[int] = None
@@ -76,10 +58,8 @@ class IterationNormBase(nn.Module):
         self._stale_steps = 0
 
     def _check(self, name: str, value):
-        """``value`` checked against ``HYPERPARAMETERS[name]`` (ValueError naming ``name``)."""
         return self.HYPERPARAMETERS[name].check(value, name)
 
-    # ------------------------------------------------------------------ iteration
     def set_iteration(self, iteration: int) -> None:
         """Set the current trainer iteration (0-based; the iteration about to run).
 
@@ -108,17 +88,9 @@ class IterationNormBase(nn.Module):
         return self.iteration
 
     def _watch_iteration(self) -> None:
-        """Catch training whose iteration does not advance (``set_norm_iteration`` called once).
-
-        Within one iteration the producing conv's weight does not change, however often the layer
-        runs (several forwards, gradient accumulation); an optimizer step changes it in place,
-        which bumps the parameter's version counter (a Python int: no host synchronization). A
-        training forward that finds the weight updated since the previous one at the same
-        iteration is a stale step; more than :attr:`STALE_STEPS_ALLOWED` in a row (one is allowed:
-        loading a checkpoint also writes the weight) raise :class:`NormNotWiredError`, which
-        would otherwise train silently with a window that never fills (CBN) or warm-ups that
-        never end (MABN).
-        """
+        """Raise if the producing conv's weight was updated (its version counter, a Python int: no
+        host sync) more than STALE_STEPS_ALLOWED times at one iteration (one: loading a checkpoint
+        writes it too); else CBN's window would never fill, MABN's warm-ups never end."""
         conv = self.conv
         if conv is None:
             return
@@ -137,7 +109,6 @@ class IterationNormBase(nn.Module):
             self._stale_steps = 0
         self._seen_iteration, self._seen_weight_version = self.iteration, version
 
-    # ------------------------------------------------------------------ producing conv
     @property
     def conv(self) -> Optional[nn.Conv2d]:
         """The conv whose output this layer normalizes (None until :meth:`attach_conv`)."""
@@ -172,8 +143,8 @@ class IterationNormBase(nn.Module):
         """Subclass hook: allocate state that depends on the conv's shape."""
 
     def release_conv(self) -> None:
-        """Undo what attaching did to the conv that the layer's eval mode does not need (CBN:
-        the capture of the conv's input). Called when the layer is converted for inference."""
+        """Undo what attaching did that eval mode does not need (CBN: the capture of the conv's
+        input). Called when the layer is converted for inference."""
 
     def _require_conv(self) -> nn.Conv2d:
         if self.conv is None:
@@ -195,12 +166,11 @@ class IterationNormBase(nn.Module):
         shape = (1, -1) + (1,) * (y.dim() - 2)
         return y * self.weight.reshape(shape).to(y.dtype) + self.bias.reshape(shape).to(y.dtype)
 
-    # ------------------------------------------------------------------ population statistics
     def eval_affine(self) -> Tuple[torch.Tensor, torch.Tensor, float, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """``(mean, var, eps, gamma, beta)`` with eval(x) = (x - mean) / sqrt(var + eps) * gamma + beta.
 
-        mean, var: (C,) tensors (MABN: mean = 0, var = running E[x^2]); gamma, beta: (C,) or None
-        without affine. What :func:`smallbn_d2.deploy.convert_to_frozen_bn` gives FrozenBN.
+        mean, var: (C,) (MABN: mean = 0, var = running E[x^2]); gamma, beta: (C,), None without
+        affine. What :func:`smallbn_d2.deploy.convert_to_frozen_bn` gives FrozenBN.
         """
         raise NotImplementedError
 

@@ -1,15 +1,8 @@
-"""Capture of a producing conv's input, for the norm layer that follows the conv.
+"""Capture of a producing conv's input u, which CBN's statistics gradients need (CBN paper,
+Sec. 3.2 and Appendix B; docs/METHODS.md CBN 5).
 
-CBN's compensation (CBN paper, Section 3.2 and Appendix B) needs d mu / d theta and
-d nu / d theta of the conv that produces the norm layer's input x = conv(u), and thus the conv's
-input u of the current iteration. A forward pre-hook on the conv keeps u (a reference, no copy)
-while the conv is in training mode; the norm layer takes it in its own forward. Layers that need
-it (``CrossIterationBatchNorm2d``; the ``floor`` row of tools/benchmark_norms.py) and code that
-removes such layers (``smallbn_d2.deploy``) use these functions instead of touching the conv's
-attributes.
-
-The hook and the captured tensor live in the conv's ``__dict__`` (not as submodules or buffers),
-so neither appears in ``state_dict()``, ``named_modules()`` or checkpoints.
+A forward pre-hook keeps u (a reference, no copy) while the conv trains. The hook and u live in the
+conv's ``__dict__``, so neither appears in ``state_dict()``, ``named_modules()`` or checkpoints.
 """
 from __future__ import annotations
 
@@ -25,18 +18,15 @@ _INPUT = "_smallbn_conv_input"
 
 
 def _store_input(conv: nn.Module, args) -> None:
-    """Forward pre-hook: keep the input (N, C_in, H, W) in training mode, nothing in eval mode."""
     conv.__dict__[_INPUT] = args[0] if conv.training else None
 
 
 def capture_conv_input(conv: nn.Module) -> None:
     """Make ``conv`` keep its input of each training-mode forward for :func:`pop_conv_input`.
 
-    Idempotent: several calls (several norm layers wired to one conv) register one hook.
+    Idempotent (several norm layers wired to one conv register one hook). ``conv``: any module
+    whose first positional forward argument is the tensor to keep (an ``nn.Conv2d``: (N, C_in, H, W)).
 
-    Args:
-        conv: any module whose first positional forward argument is the tensor to keep
-            (in practice an ``nn.Conv2d``; its input has shape (N, C_in, H, W)).
     Raises:
         TypeError: ``conv`` is not an ``nn.Module``.
     """
@@ -49,9 +39,8 @@ def capture_conv_input(conv: nn.Module) -> None:
 def pop_conv_input(conv: nn.Module) -> Optional[torch.Tensor]:
     """Return and forget the input (N, C_in, H, W) of ``conv``'s last training-mode forward.
 
-    Returns None if the conv has not run in training mode since the last call, ran in eval mode,
-    or has no capture (see :func:`capture_conv_input`). Forgetting it keeps the conv from holding
-    an activation beyond the iteration.
+    None if the conv has not run in training mode since the last call, or has no capture.
+    Forgetting it keeps the conv from holding an activation beyond the iteration.
     """
     return conv.__dict__.pop(_INPUT, None)
 

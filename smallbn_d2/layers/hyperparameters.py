@@ -1,16 +1,14 @@
 """Allowed ranges of the layers' hyperparameters: the one place where each range is written.
 
-Each layer class lists its constructor hyperparameters in a ``HYPERPARAMETERS`` table
-(argument name -> :class:`Range`). The constructor checks every argument with it, and
-``smallbn_d2.config.validate_smallbn_config`` checks the config keys that feed those arguments
-with the same table, naming the config key instead of the argument. Defaults are written once
-too: in the constructors' signatures (``smallbn_d2.config`` reads them from there).
+A layer's ``HYPERPARAMETERS`` table (argument name -> :class:`Range`) checks its constructor's
+arguments, and ``smallbn_d2.config.validate_smallbn_config`` the config keys that feed them.
+See docs/ARCHITECTURE.md, "One config key, from YAML to the layer".
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable
 
 __all__ = ["Range", "INT_AT_LEAST_0", "INT_AT_LEAST_1", "POSITIVE", "UNIT_INTERVAL", "FINITE_AT_LEAST_1",
            "BOOLEAN", "one_of", "optional"]
@@ -18,24 +16,17 @@ __all__ = ["Range", "INT_AT_LEAST_0", "INT_AT_LEAST_1", "POSITIVE", "UNIT_INTERV
 
 @dataclass(frozen=True)
 class Range:
-    """An allowed range: a test, its description for error messages, and a normalizing conversion.
-
-    Attributes:
-        allowed: what is allowed, in words (e.g. ``"an integer >= 1"``), shown in errors.
-        test: returns True for an allowed value.
-        convert: applied to an allowed value (e.g. ``float``), default identity.
-    """
+    """An allowed range: ``allowed`` in words for errors (e.g. ``"an integer >= 1"``), a ``test``
+    returning True for an allowed value, and a ``convert`` applied to it (e.g. ``float``)."""
 
     allowed: str
     test: Callable[[Any], bool]
     convert: Callable[[Any], Any] = lambda v: v
 
     def check(self, value: Any, name: str) -> Any:
-        """Return ``convert(value)`` if ``value`` is allowed.
+        """Return ``convert(value)`` if ``value`` is allowed; ``name`` (an argument name or a config
+        key) is for the message.
 
-        Args:
-            value: the value to check.
-            name: what holds it, for the message (an argument name or a config key).
         Raises:
             ValueError: ``"<name> = <value> is invalid; allowed: <allowed>"``.
         """
@@ -69,7 +60,5 @@ def one_of(choices: Iterable[str]) -> Range:
 def optional(inner: Range, none_means: str) -> Range:
     """``inner`` or None; ``none_means`` says what None stands for (shown in errors)."""
 
-    def convert(v: Optional[Any]) -> Optional[Any]:
-        return None if v is None else inner.convert(v)
-
-    return Range(f"None ({none_means}) or {inner.allowed}", lambda v: v is None or inner.test(v), convert)
+    return Range(f"None ({none_means}) or {inner.allowed}", lambda v: v is None or inner.test(v),
+                 lambda v: None if v is None else inner.convert(v))
