@@ -1,39 +1,10 @@
 """Cross-Iteration Batch Normalization (CBN) and its uncompensated ablation (Naive CBN).
 
 Source: Yao, Cao, Zheng, Huang, Lin. Cross-Iteration Batch Normalization. CVPR 2021
-(arXiv 2002.05712), Sec. 3.2-3.3 (eq. 5-10) and Appendix B; restated in docs/METHODS.md, CBN 1-9.
-
-Per channel c, at trainer iteration t with window size k (k = 1 during the burn-in):
-
-    mu_{t-tau}(theta_t) ~= mu_{t-tau} + <g_mu_{t-tau}, theta_t - theta_{t-tau}>      (item 2)
-    nu_{t-tau}(theta_t) ~= nu_{t-tau} + <g_nu_{t-tau}, theta_t - theta_{t-tau}>
-    mu_bar = (1/k) sum_tau mu_{t-tau}(theta_t)                                         (item 3)
-    nu_bar = (1/k) sum_tau max(nu_{t-tau}(theta_t), mu_{t-tau}(theta_t)^2)
-    y = gamma * (x - mu_bar) / sqrt(nu_bar - mu_bar^2 + eps) + beta                    (item 4)
-
-theta is the producing conv's weight and, if it has one, its bias (exactly first order in the
-bias: d mu / d b = 1, d nu / d b = 2 mu; ``compensate_bias=False`` ignores the bias, as the
-released code does). Gradients flow only through the current mu_t, nu_t.
-
-Implementation notes (all algebraically identical to the formulas above):
-
-* Storage. Instead of theta_{t-tau}, each window entry stores the constant part of its Taylor
-  expansion, a_mu = mu - <g_mu, theta_old> - b_old and a_nu = nu - <g_nu, theta_old> - 2 mu b_old,
-  so that mu(theta_t) = a_mu + <g_mu, theta_t> + b_t and nu(theta_t) = a_nu + <g_nu, theta_t> +
-  2 mu b_t. This saves k-1 copies of every conv weight. d mu / d theta is stored once per conv
-  group (it is the same for all channels of a group).
-* Variance. sigma_bar^2 = nu_bar - mu_bar^2 is evaluated as
-  (1/k) sum_tau [max(var_tau, 0) + (mu_tau - mu_bar)^2] with var_tau = nu_tau - mu_tau^2, and the
-  current batch's var_t computed by two passes, so that k = 1 is *exactly* BatchNorm.
-* Window bookkeeping is by trainer iteration: entry tags record the iteration that wrote them and
-  only tags in [t-k+1, t-1] count (the window averages over the entries present, so a layer that
-  saw no input in some iteration, or the first iterations after burn-in, average fewer). Entries
-  are written only from iteration burn_in - (k - 1) on (``window_after_burn_in="full"``, the
-  paper: the window is full when it is first used) or from burn_in on (``"grow"``, the released
-  code), so the burn-in costs what BN costs.
-* Non-finite batches (NaN/Inf in the input): the output is computed (and will be non-finite, which
-  Detectron2's trainer reports), but nothing is written to the running statistics or the window:
-  every state update is masked with ``torch.where`` (no host synchronization).
+(arXiv 2002.05712), Sec. 3.2-3.3 (eq. 5-10) and Appendix B. docs/METHODS.md, CBN 1-9, gives the
+formulas and how the implementation stores the window (CBN 2), computes its variance (CBN 3) and
+fills it around the burn-in (CBN 6); docs/RELIABILITY.md, sections 3-4, empty and non-finite
+batches (never stored, masked on device) and autocast.
 """
 from __future__ import annotations
 
@@ -66,50 +37,38 @@ GRAD_MODES = ("closed_form", "autograd")
 
 
 def _conv_output_size(conv: nn.Conv2d, h: int, w: int):
-    out = []
-    for size, k, s, p, d in zip((h, w), conv.kernel_size, conv.stride, conv.padding, conv.dilation):
-        out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
-    return tuple(out)
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                 for size, k, s, p, d in zip((h, w), conv.kernel_size, conv.stride, conv.padding, conv.dilation))
 
 
 def _batch_stats(x: torch.Tensor):
-    """Biased variance and mean per channel of (N, C, H, W) ``x``, no autograd. On the CPU:
-    BatchNorm's own statistics kernel (the pass ``nn.BatchNorm2d`` runs, faster there than
-    ``torch.var_mean`` over (0, 2, 3)); elsewhere ``torch.var_mean``."""
+    """Biased variance and mean per channel of (N, C, H, W) ``x``, no autograd; on the CPU by
+    BatchNorm's own statistics kernel, faster there than ``torch.var_mean``."""
     with torch.no_grad():
-        if _HAS_BN_STATS and x.device.type == "cpu":
+        if x.device.type == "cpu":
             mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
             return var, mean
         return torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
 
 
-_HAS_BN_STATS = hasattr(torch, "batch_norm_update_stats")
-
-
 class _CBNNormalize(torch.autograd.Function):
-    """CBN's normalization with BatchNorm's cost (METHODS.md CBN item 4; the backward is derived
-    below, verified against autograd in float64 by the tests).
+    """CBN's normalization with BatchNorm's cost (METHODS.md CBN 4; tests check the backward
+    against autograd in float64).
 
-    forward(x (N, C, H, W), gamma (C,) or None, beta (C,) or None, mu_bar (C,), var_bar (C,),
-    coef (C,), eps, batch_only) -> y = gamma * (x - mu_bar) / sqrt(var_bar + eps) + beta, one
-    fused pass (``native_batch_norm`` in inference mode with mu_bar, var_bar as its statistics).
-    x is float32 or float64 (the caller casts); mu_bar, var_bar, coef are constants computed
-    without autograd; ``batch_only`` (bool) says that they are the current batch's own (k = 1).
+    forward(x (N, C, H, W) float32/64, gamma, beta (C,) or None, mu_bar, var_bar, coef (C,)
+    constants, eps, batch_only) -> y = gamma * (x - mu_bar) / sqrt(var_bar + eps) + beta in one
+    ``native_batch_norm`` pass; ``batch_only``: the statistics are the batch's own (k = 1).
 
-    Backward. The window statistics depend on the current batch only through mu_t, var_t, with
-    per-channel derivatives (n = number of window entries averaged, coef = 1/n; the other
-    entries are constants): d mu_bar/d mu_t = coef, d var_bar/d var_t = coef and
-    d var_bar/d mu_t = 2 coef (mu_t - mu_bar) (the derivative of sum_i (m_i - mu_bar)^2 with
-    respect to mu_bar vanishes, mu_bar being their mean). With M = N*H*W, s = (var_bar +
-    eps)^-1/2, xhat = (x - mu_bar) s and g = dL/dy this gives
+    Backward. The window statistics depend on the batch only through mu_t, var_t: with coef = 1/n
+    (n entries averaged), d mu_bar/d mu_t = d var_bar/d var_t = coef and d var_bar/d mu_t =
+    2 coef (mu_t - mu_bar) (the terms through mu_bar, the entries' mean, cancel). With
+    s = (var_bar + eps)^-1/2, xhat = (x - mu_bar) s and g = dL/dy:
 
         dL/dx = gamma s (g - coef mean(g) - coef xhat mean(g xhat)),
         dL/dgamma = sum(g xhat),  dL/dbeta = sum(g),
 
-    i.e. coef * (BatchNorm's backward with mean mu_bar and invstd s) + (1 - coef) gamma s g:
-    one ``native_batch_norm_backward`` call with weight coef * gamma (exactly BatchNorm's backward
-    when k = 1, ``batch_only``), then one in-place ``addcmul_`` for the window. Only x is saved,
-    as BatchNorm saves it.
+    i.e. BatchNorm's backward with weight coef * gamma (exactly BatchNorm's when ``batch_only``)
+    plus (1 - coef) gamma s g, one in-place ``addcmul_``. Only x is saved, as BatchNorm saves it.
     """
 
     @staticmethod
@@ -129,9 +88,7 @@ class _CBNNormalize(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_y.dtype != x.dtype:
             grad_y = grad_y.to(x.dtype)
-        # BatchNorm's backward with mean mu_bar and invstd s and weight coef * gamma: coef * gamma
-        # s (g - mean(g) - xhat mean(g xhat)); its weight / bias gradients are sum(g xhat), sum(g)
-        # whatever the weight.
+        # its weight / bias gradients are sum(g xhat), sum(g) whatever the weight
         gamma = None if weight is None else weight.to(invstd.dtype)
         if ctx.batch_only:
             scaled = gamma
@@ -152,57 +109,48 @@ class _CBNNormalize(torch.autograd.Function):
 
 
 class CrossIterationBatchNorm2d(IterationNormBase):
-    """Cross-Iteration Batch Normalization for (N, C, H, W) conv outputs (CBN paper, Sec. 3.2).
+    """Cross-Iteration Batch Normalization for (N, C, H, W) conv outputs (CBN paper, Sec. 3.2-3.3).
 
-    Training uses the statistics of the current and the k-1 previous trainer iterations,
-    compensated to the current weights of the producing conv (:meth:`attach_conv`); eval mode is
-    BatchNorm with the population statistics ``running_mean``/``running_var`` (item 7).
+    Training normalizes with the statistics of the current and the k-1 previous trainer
+    iterations, compensated to the current weights of the producing conv (:meth:`attach_conv`;
+    METHODS.md CBN 1-5); eval mode is BatchNorm with ``running_mean``/``running_var`` (CBN 7).
 
     Args:
         num_features: C.
-        window_size: k >= 1, iterations in the window, the current one included (item 6).
-        burn_in: iterations (trainer iterations, 0-based) with k = 1 before the window is used;
-            None: not known yet (given in epochs, which needs the training set size); eval works,
-            a training forward raises :class:`NormNotWiredError`.
-        momentum: population-statistics momentum in (0, 1], PyTorch convention (weight of the
-            new batch); updated with the current batch's mean and unbiased variance (item 7).
+        window_size: k >= 1, iterations in the window, the current one included (CBN 6).
+        burn_in: trainer iterations (0-based) with k = 1 before the window is used (CBN 6); None:
+            not known yet (given in epochs), a training forward raises :class:`NormNotWiredError`.
+        momentum: in (0, 1], weight of the new batch (PyTorch's convention) in the population
+            statistics, updated with the batch's mean and unbiased variance (CBN 7).
         eps: > 0, added to the variance inside the square root.
         affine: learn gamma/beta of shape (C,).
-        aggregation: ``"paper"`` (average ``max(nu, mu^2)`` over the window, eq. 9-10) or
-            ``"drop_invalid"`` (the released code: drop entries whose compensated variance is
-            negative, average over those kept).
-        compensate: False gives Naive CBN (window average without compensation, item 8).
-        grad_mode: ``"closed_form"`` (the fast path: statistics gradients in closed form,
-            Appendix B, one weight-gradient conv; normalization by one fused function whose
-            backward is BatchNorm's, :class:`_CBNNormalize`) or ``"autograd"`` (the released
-            code's approach: two ``torch.autograd.grad`` passes for the statistics gradients and
-            the normalization through autograd ops), for comparison. Both compute the same
-            function and gradients.
-        grad_subsample: s >= 1, ``"closed_form"`` only. 1 (default): exact. s > 1: an
-            approximation (not in the paper) estimating d nu / d theta from about 1/s of the
-            output positions (:func:`~smallbn_d2.layers.cbn_grad.stat_grads_closed_form`), which
-            divides the cost of the extra weight-gradient conv by about s; see docs/BENCHMARKS.md
-            for its measured effect on speed and on the statistics.
-        window_after_burn_in: ``"full"`` (the paper: statistics of the k - 1 iterations before
-            the end of the burn-in are stored, so the window is full from its first use) or
-            ``"grow"`` (the released code: the window starts empty at the end of the burn-in and
-            grows from 1 to k).
-        compensate_bias: True (the paper's rule applied to all of theta: the conv bias enters the
-            compensation exactly) or False (the released code: the bias is ignored).
+        aggregation: ``"paper"`` (average ``max(nu, mu^2)``, eq. 9-10) or ``"drop_invalid"`` (the
+            released code: drop entries whose compensated variance is negative); CBN 3.
+        compensate: False gives Naive CBN (CBN 8).
+        grad_mode: ``"closed_form"`` (Appendix B's statistics gradients, normalization by
+            :class:`_CBNNormalize`) or ``"autograd"`` (the released code's two
+            ``torch.autograd.grad`` passes and autograd ops): the same function and gradients.
+        grad_subsample: s >= 1, ``"closed_form"`` only: 1 is exact, s > 1 an approximation not in
+            the paper (:func:`~smallbn_d2.layers.cbn_grad.stat_grads_closed_form`; measured in
+            docs/BENCHMARKS.md).
+        window_after_burn_in: ``"full"`` (the paper: the window is full at its first use) or
+            ``"grow"`` (the released code: it grows from 1 to k after the burn-in); CBN 6.
+        compensate_bias: True (the paper: the conv bias is part of theta) or False (the released
+            code ignores it); CBN 2.
 
-    Buffers (state_dict): ``running_mean``, ``running_var`` (C,), ``num_batches_tracked``, the
-    window ``window_iters`` (k-1,), ``window_mu``, ``window_mu0``, ``window_nu0`` (k-1, C) and,
-    once a conv is attached (CBN, not Naive CBN), ``window_mu_grad`` (k-1, G, C_in/G, kh, kw) and
-    ``window_nu_grad`` (k-1, C, C_in/G, kh, kw). Each is allocated once.
-
-    Shapes: input and output (N, C, H, W); N * H * W may be 0 (returns an empty output, no
-    state change) or 1.
+    Buffers, each allocated once: ``running_mean``, ``running_var`` (C,), ``num_batches_tracked``,
+    ``window_iters`` (k-1,), ``window_mu``, ``window_mu0``, ``window_nu0`` (k-1, C) and, once a
+    conv is attached (not Naive CBN), ``window_mu_grad`` (k-1, G, C_in/G, kh, kw) and
+    ``window_nu_grad`` (k-1, C, C_in/G, kh, kw). N * H * W may be 0 (an empty output, no state
+    change) or 1.
 
     Raises:
-        ValueError: an argument is out of range (the message names it and the allowed range).
-        NormNotWiredError: training forward without a producing conv, without a trainer
-            iteration (:meth:`set_iteration`) or without a known burn-in, or an input the
-            attached conv did not produce.
+        ValueError: an argument out of range (the message names it and the range), an attached
+            conv that :func:`~smallbn_d2.layers.cbn_grad.check_supported_conv` rejects, an input
+            that is not (N, C, H, W).
+        NormNotWiredError: training forward without a producing conv, a trainer iteration
+            (:meth:`set_iteration`) or a known burn-in, or on an input the attached conv did not
+            produce.
     """
 
     HYPERPARAMETERS = {
@@ -292,7 +240,8 @@ class CrossIterationBatchNorm2d(IterationNormBase):
 
     def cross_iteration_state_keys(self):
         """The window (``window_*``) and ``num_batches_tracked``."""
-        return tuple(k for k, _ in self.named_buffers(recurse=False) if k.startswith("window_")) + ("num_batches_tracked",)
+        window = tuple(k for k, _ in self.named_buffers(recurse=False) if k.startswith("window_"))
+        return window + ("num_batches_tracked",)
 
     def state_shape_hint(self, key, checkpoint_shape):
         """Window buffers have k - 1 rows: name the window size to set."""
@@ -415,27 +364,15 @@ class CrossIterationBatchNorm2d(IterationNormBase):
 
     def _window_statistics(self, t: int, mu_t, var_t, cdt):
         """Compensated window mean and variance and the number of entries averaged (the current
-        batch included), shape (C,) each (items 2-3)."""
-        C = self.num_features
+        batch included), shape (C,) each (METHODS.md CBN 2-3)."""
         tags = self.window_iters
         present = (tags >= t - self.window_size + 1) & (tags < t) & (tags >= 0)  # (k-1,)
         mu_old = self.window_mu.to(cdt)
         if self.compensate:
-            conv = self.conv
-            G = conv.groups
-            theta = conv.weight.detach().to(cdt)
-            theta_g = theta.reshape(G, C // G, -1)
-            gmu = self.window_mu_grad.to(cdt).flatten(2)  # (k-1, G, D)
-            gnu = self.window_nu_grad.to(cdt).flatten(2)  # (k-1, C, D)
-            mu_c = self.window_mu0.to(cdt) + torch.einsum("jgd,gcd->jgc", gmu, theta_g).reshape(-1, C)
-            nu_c = self.window_nu0.to(cdt) + (gnu * theta.reshape(1, C, -1)).sum(-1)  # <g_nu_j[c], theta[c]>
-            if conv.bias is not None and self.compensate_bias:
-                b = conv.bias.detach().to(cdt)
-                mu_c = mu_c + b
-                nu_c = nu_c + 2.0 * mu_old * b
+            mu_c, nu_c = self._expand(self.window_mu0.to(cdt), self.window_nu0.to(cdt), mu_old,
+                                      self.window_mu_grad, self.window_nu_grad, 1.0)
         else:
-            mu_c = mu_old
-            nu_c = self.window_nu0.to(cdt)  # Naive CBN stores nu itself in window_nu0
+            mu_c, nu_c = mu_old, self.window_nu0.to(cdt)  # Naive CBN stores nu itself in window_nu0
         var_c = nu_c - mu_c * mu_c
         keep = present[:, None].to(cdt).expand_as(mu_c)
         if self.aggregation == "drop_invalid":
@@ -445,6 +382,21 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         spread = var_c.clamp(min=0) + (mu_c - mu_bar) ** 2  # max(nu, mu^2) - mu_bar^2, per entry
         var_bar = (var_t + (mu_t - mu_bar) ** 2 + (keep * spread).sum(0)) / count
         return mu_bar, var_bar, count
+
+    def _expand(self, mu, nu, mu_b, g_mu, g_nu, sign: float):
+        """``mu + sign (<g_mu, theta> + b)``, ``nu + sign (<g_nu, theta> + 2 mu_b b)`` at the conv's
+        current theta, b = 0 without a compensated bias (METHODS.md CBN 2): sign -1 gives an entry's
+        stored constant parts, +1 its compensation. g_mu (..., G, C_in/G, kh, kw), g_nu (..., C, ...)."""
+        conv, C = self.conv, self.num_features
+        theta = conv.weight.detach().to(mu.dtype)
+        theta_g = theta.reshape(conv.groups, C // conv.groups, -1)
+        mu = mu + sign * torch.einsum("...gd,gcd->...gc", g_mu.to(mu.dtype).flatten(-3), theta_g).flatten(-2)
+        nu = nu + sign * (g_nu.to(mu.dtype).flatten(-3) * theta.reshape(C, -1)).sum(-1)  # <g_nu[c], theta[c]>
+        if conv.bias is not None and self.compensate_bias:
+            b = conv.bias.detach().to(mu.dtype)
+            mu = mu + sign * b
+            nu = nu + sign * 2.0 * mu_b * b
+        return mu, nu
 
     @torch.no_grad()
     def _update_state(self, t: int, x, conv_input, mu_t, var_t, P: int) -> None:
@@ -467,15 +419,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
                 grads = stat_grads_closed_form(conv, conv_input, xd, subsample=self.grad_subsample)
             else:
                 grads = stat_grads_autograd(conv, conv_input, x if x.requires_grad else None)
-            G = conv.groups
-            C = self.num_features
-            theta = conv.weight.detach().to(mu_t.dtype)
-            mu0 = mu_t - torch.einsum("gd,gcd->gc", grads.mu_weight.flatten(1), theta.reshape(G, C // G, -1)).reshape(C)
-            nu0 = nu_t - (grads.nu_weight.flatten(1) * theta.reshape(C, -1)).sum(-1)
-            if conv.bias is not None and self.compensate_bias:
-                b = conv.bias.detach().to(mu_t.dtype)
-                mu0 = mu0 - b
-                nu0 = nu0 - 2.0 * mu_t * b
+            mu0, nu0 = self._expand(mu_t, nu_t, mu_t, grads.mu_weight, grads.nu_weight, -1.0)
             # A NaN/Inf anywhere in the gradients makes mu0 / nu0 non-finite (Inf * 0 = NaN), so
             # checking the (C,) results checks the gradients without another pass over them.
             finite = finite & torch.isfinite(mu0).all() & torch.isfinite(nu0).all()

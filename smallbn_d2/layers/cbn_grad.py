@@ -1,24 +1,9 @@
-"""Gradients of a conv output's channel statistics with respect to the conv's parameters.
-
-CBN (Yao et al., CVPR 2021, Sec. 3.2 and Appendix B; METHODS.md CBN items 2 and 5) compensates
-the statistics of previous iterations with a first-order Taylor expansion in the weights of the
-conv that produces the normalized tensor. For a conv with weight theta (C, C_in/G, kh, kw),
-optional bias b (C,), input u (N, C_in, H, W) and output y (N, C, Ho, Wo), per output channel c,
-with P = N * Ho * Wo output positions and u_patch(p) the input patch (C_in/G, kh, kw) of the
-group of c that produces position p:
-
-    mu_c = (1/P) sum_p y_c(p)          d mu_c / d theta[c] = (1/P) sum_p u_patch(p)
-    nu_c = (1/P) sum_p y_c(p)^2        d nu_c / d theta[c] = (2/P) sum_p y_c(p) u_patch(p)
-                                       d mu_c / d b_c = 1,  d nu_c / d b_c = 2 mu_c
-
-mu_c depends only on theta[c] (the Jacobian is block-diagonal), so the gradient of channel c is
-a (C_in/G, kh, kw) slice. d mu / d theta is the same for every channel of a group: it is returned
-once per group, shape (G, C_in/G, kh, kw). d nu / d theta is the conv weight-gradient with
-grad_output = 2 y / P, one ``torch.nn.grad.conv2d_weight`` call.
-
-Two interchangeable implementations are provided: :func:`stat_grads_closed_form` (the fast path
-CBN uses) and :func:`stat_grads_autograd` (two ``torch.autograd.grad`` calls, the released
-code's approach), so that tests and benchmarks can compare them.
+"""Gradients of a conv output's channel statistics mu, nu with respect to the conv's parameters,
+which CBN's compensation needs (CBN paper, Sec. 3.2 and Appendix B; formulas in docs/METHODS.md
+CBN 2 and 5). For weight theta (C, C_in/G, kh, kw): d mu_c / d theta[c] is the mean input patch,
+the same for every channel of a group; d nu_c / d theta[c] is the weight gradient for
+grad_output = 2 y / P (P = N * Ho * Wo). :func:`stat_grads_closed_form` is CBN's fast path,
+:func:`stat_grads_autograd` the released code's two ``torch.autograd.grad`` passes, for comparison.
 """
 from __future__ import annotations
 
@@ -29,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
+from .hyperparameters import INT_AT_LEAST_1
+
 __all__ = ["StatGrads", "stat_grads_closed_form", "subsample_plan", "stat_grads_autograd", "check_supported_conv"]
 
 
@@ -36,8 +23,7 @@ class StatGrads(NamedTuple):
     """Gradients of (mu, nu) of a conv output.
 
     Attributes:
-        mu_weight: d mu_c / d theta[c], shape (G, C_in/G, kh, kw): one slice per group, shared by
-            the C/G channels of the group.
+        mu_weight: d mu_c / d theta[c], shape (G, C_in/G, kh, kw): one slice per group.
         nu_weight: d nu_c / d theta[c], shape (C, C_in/G, kh, kw).
         mu_bias: d mu_c / d b_c, shape (C,) (ones), or None for a conv without bias.
         nu_bias: d nu_c / d b_c = 2 mu_c, shape (C,), or None for a conv without bias.
@@ -50,20 +36,13 @@ class StatGrads(NamedTuple):
 
 
 def check_supported_conv(conv: nn.Conv2d) -> None:
-    """Raise ``ValueError`` if ``conv`` uses a padding CBN cannot differentiate in closed form.
-
-    Supported: any stride, dilation, groups, bias, and numeric zero padding. Unsupported:
-    ``padding_mode`` other than ``"zeros"`` and string padding (``"same"``/``"valid"``).
-    """
+    """Raise ``ValueError`` unless ``conv`` pads with integer zeros (``padding_mode="zeros"``, no
+    ``"same"``/``"valid"``), which the closed form assumes; any stride, dilation, groups, bias work."""
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(
             f"CBN cannot follow {conv}: padding_mode = {conv.padding_mode!r}, padding = "
             f"{conv.padding!r}; allowed: padding_mode 'zeros' with integer padding"
         )
-
-
-def _output_positions(y: torch.Tensor) -> int:
-    return y.shape[0] * y.shape[2] * y.shape[3]
 
 
 def _tap_slice(tap: int, stride: int, padding: int, dilation: int, out_len: int, in_len: int) -> slice:
@@ -78,10 +57,8 @@ def _tap_slice(tap: int, stride: int, padding: int, dilation: int, out_len: int,
 
 
 def _patch_sum(u1: torch.Tensor, conv: nn.Conv2d, out_h: int, out_w: int) -> torch.Tensor:
-    """sum_p patch(p) of a (C_in, H, W) image under ``conv``'s geometry: (C_in, kh, kw).
-
-    Equal to ``F.unfold(u1[None], ...).sum(-1)`` without materializing the patches (which are
-    kh * kw times the image): kh row sums over strided slices, then kh * kw column sums."""
+    """sum_p patch(p) of a (C_in, H, W) image under ``conv``'s geometry: (C_in, kh, kw). Equal to
+    ``F.unfold(u1[None], ...).sum(-1)`` without materializing kh * kw copies of the image."""
     kh, kw = conv.kernel_size
     (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
     H, W = u1.shape[1], u1.shape[2]
@@ -109,39 +86,32 @@ def subsample_plan(n: int, subsample: int) -> str:
 
 def stat_grads_closed_form(conv: nn.Conv2d, conv_input: torch.Tensor, output: torch.Tensor,
                            subsample: int = 1) -> StatGrads:
-    """Closed-form d(mu, nu)/d(theta, b) of ``output = conv(conv_input)`` (Appendix B of CBN).
+    """Closed-form d(mu, nu)/d(theta, b) of ``output = conv(conv_input)`` (CBN paper, Appendix B).
 
     Args:
-        conv: the producing ``nn.Conv2d`` (its stride, padding, dilation, groups are used).
+        conv: the producing ``nn.Conv2d``.
         conv_input: u, shape (N, C_in, H, W).
-        output: y = conv(u), shape (N, C, Ho, Wo), including the bias. Gradients are computed in
-            ``output``'s dtype; no autograd graph is built.
-        subsample: s >= 1. 1 (default) is exact. s > 1 is an approximation (not in the paper)
-            that estimates d nu / d theta from about 1/s of the output positions, cutting the
-            weight-gradient conv's cost by about s: every s-th example (positions of examples
-            0, s, 2s, ...) when N >= 4 s (RoI heads), otherwise every s-th output row (rows 0, s,
-            2s, ... of every example; a conv with s times the row stride). d mu / d theta and the
-            bias gradients stay exact (they are cheap).
+        output: y = conv(u) with its bias, shape (N, C, Ho, Wo); the gradients take its dtype and
+            build no autograd graph.
+        subsample: s >= 1; 1 (default) is exact. s > 1, an approximation not in the paper,
+            estimates d nu / d theta from the positions of every s-th example or output row
+            (:func:`subsample_plan`), dividing that conv's cost by about s; the rest stays exact.
     Returns:
-        :class:`StatGrads`. Cost: one weight-gradient conv (as in the backward pass) for nu (on
-        1/s of the positions); for mu one pass over ``conv_input`` (a batch sum) and the patch
-        sum of one image.
+        :class:`StatGrads`, at the cost of one weight-gradient conv (nu) and one pass over u (mu).
     Raises:
         ValueError: ``output`` has no elements, or ``subsample`` is not an integer >= 1.
     """
-    if isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1:
-        raise ValueError(f"subsample = {subsample!r} is invalid; allowed: an integer >= 1 (1 = exact)")
-    P = _output_positions(output)
-    if P == 0:
+    INT_AT_LEAST_1.check(subsample, "subsample")
+    if output.numel() == 0:
         raise ValueError("stat_grads_closed_form needs a non-empty output (N * Ho * Wo > 0)")
     G = conv.groups
     C, cin_g, kh, kw = conv.weight.shape
+    P = output.numel() // C
     dt = output.dtype
     with torch.no_grad():
         u = conv_input.detach().to(dt)
         y = output.detach()
-        # The weight-gradient conv with grad_output = y, scaled by 2/P afterwards (on the small
-        # result, not on a copy of y).
+        # weight-gradient conv with grad_output = y, then 2/P applied to the small result
         plan = subsample_plan(y.shape[0], subsample)
         if plan == "all":
             u_s, y_s, stride = u, y, conv.stride
@@ -150,10 +120,9 @@ def stat_grads_closed_form(conv: nn.Conv2d, conv_input: torch.Tensor, output: to
         else:  # rows 0, s, 2s, ...: the same conv with s times the row stride
             u_s, y_s, stride = u, y[:, :, ::subsample], (conv.stride[0] * subsample, conv.stride[1])
         nu_w = conv2d_weight(u_s, conv.weight.shape, y_s, stride, conv.padding, conv.dilation, G)
-        nu_w.mul_(2.0 / _output_positions(y_s))
-        # d mu / d theta = mean input patch: sum the batch first (one pass over u), then the
-        # patches of that one image (C_in channels are ordered as the weight's C_in/G slices of
-        # consecutive groups).
+        nu_w.mul_(2.0 / (y_s.numel() // C))
+        # mean input patch: the batch summed first (one pass over u), then the patches of that
+        # one image (C_in is ordered as the C_in/G slices of consecutive groups)
         mu_w = _patch_sum(u.sum(0), conv, y.shape[2], y.shape[3]).reshape(G, cin_g, kh, kw).div_(P)
         if conv.bias is None:
             mu_b = nu_b = None
@@ -166,14 +135,10 @@ def stat_grads_closed_form(conv: nn.Conv2d, conv_input: torch.Tensor, output: to
 def stat_grads_autograd(conv: nn.Conv2d, conv_input: torch.Tensor, output: Optional[torch.Tensor] = None) -> StatGrads:
     """The same gradients by two ``torch.autograd.grad`` passes (the released CBN code's way).
 
-    If ``output`` is given and its graph reaches ``conv.weight`` (a training forward), the
-    gradients are taken through that graph with ``retain_graph=True``, as the released code does;
-    otherwise the conv is re-run on ``conv_input`` with a detached copy of the weight.
+    Through ``output``'s graph with ``retain_graph=True`` if it reaches ``conv.weight`` (a
+    training forward), as the released code does; otherwise by re-running the conv on
+    ``conv_input`` (u, (N, C_in, H, W)) with a detached weight. ``output``: y, (N, C, Ho, Wo).
 
-    Args:
-        conv: the producing ``nn.Conv2d``.
-        conv_input: u, shape (N, C_in, H, W).
-        output: optional y = conv(u) carrying autograd history, shape (N, C, Ho, Wo).
     Returns:
         :class:`StatGrads` in the dtype of the computation (mu_weight reduced to one slice per group).
     """
