@@ -29,9 +29,9 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from smallbn_d2.checkpoint import NormCheckpointer
 from smallbn_d2.data import check_datasets_exist, register_coco_sample
-from smallbn_d2.engine import (USER_ERRORS, Trainer, check_output_dir, load_config, setup_cpu,
+from smallbn_d2.engine import (USER_ERRORS, Trainer, check_norm_names, check_output_dir, load_config, setup_cpu,
                                training_argument_parser)
-from smallbn_d2.engine.launch import check_cpu_distributed, check_norm_names, launch
+from smallbn_d2.engine.launch import check_cpu_distributed, launch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run_report/, also when loaded by importlib
 from run_report.summary import eval_summary, run_summary  # noqa: E402

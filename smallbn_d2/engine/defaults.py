@@ -1,13 +1,14 @@
-"""Trainer set-up helpers in Detectron2's style: config creation, the output-dir guard and what
-the two training tools (``tools/train_net.py``, ``tools/lazyconfig_train_net.py``) share: their
-command line, the errors they report without a traceback and the CPU set-up."""
+"""What the two training tools (``tools/train_net.py``, ``tools/lazyconfig_train_net.py``) share: the
+config loading with one-line errors, the checks they run before any process starts (output folder,
+norm names, datasets), the errors they print without a traceback, their command line and the CPU
+set-up. docs/RELIABILITY.md, section 2, lists the checks."""
 from __future__ import annotations
 
 import argparse
 import difflib
 import os
 import re
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence
 
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -15,12 +16,13 @@ from detectron2.engine import default_argument_parser
 
 from ..checkpoint import IncompatibleCheckpointError, NormStateShapeError
 from ..compat import argument_parser_actions
-from ..config import ConfigValueError, add_smallbn_config, validate_smallbn_config
+from ..config import ConfigValueError, add_smallbn_config, norm_keys, validate_smallbn_config, walk_config
 from ..data import DatasetNotRegisteredError, DatasetsNotFoundError, SampleRegistrationError, check_datasets_exist
 from ..layers import NormNotWiredError
 
 __all__ = ["OutputDirExistsError", "ConfigKeyError", "USER_ERRORS", "check_output_dir", "load_config",
-           "check_lazy_config", "lazy_norm_fields", "lazy_dataset_names", "training_argument_parser", "setup_cpu"]
+           "check_norm_names", "check_lazy_config", "lazy_norm_fields", "lazy_dataset_names",
+           "training_argument_parser", "setup_cpu"]
 
 
 class OutputDirExistsError(FileExistsError):
@@ -28,8 +30,8 @@ class OutputDirExistsError(FileExistsError):
 
 
 class ConfigKeyError(ConfigValueError):
-    """A config file or override names a key the config does not have (e.g. a misspelt one); the
-    message names the key, the closest existing keys and the keys of its group."""
+    """A config file or override names a key the config does not have; the message names the key,
+    the closest existing keys and the keys of its group."""
 
 
 _NO_KEY = re.compile(r"Non-existent (?:config )?key: (\S+)")
@@ -38,45 +40,22 @@ _TYPE_WORDS = {bool: "True or False", int: "an integer", float: "a float, writte
                str: "a string", tuple: "a tuple or list, e.g. \"('a', 'b')\"", list: "a list or tuple"}
 
 
-def _all_keys(cfg: CfgNode, prefix: str = "") -> Iterator[str]:
-    for key, value in cfg.items():
-        if isinstance(value, CfgNode):
-            yield from _all_keys(value, prefix + key + ".")
-        else:
-            yield prefix + key
-
-
-def _lookup(cfg: CfgNode, dotted: str) -> Tuple[bool, Any]:
-    node: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, CfgNode) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
 def _unknown_key_error(cfg: CfgNode, key: str, where: str) -> ConfigKeyError:
-    """The message for ``key`` missing from ``cfg``: close matches (difflib) and the keys of the
-    deepest existing group on its path."""
-    keys = list(_all_keys(cfg))
-    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.8)
+    entries = {path: value for path, _, value in walk_config(cfg)}
+    leaves = [path for path, value in entries.items() if not isinstance(value, CfgNode)]
+    close = difflib.get_close_matches(key, leaves, n=3, cutoff=0.8)
     hint = f" Did you mean {' or '.join(close)}?" if close else ""
-    parts = key.split(".")
-    group, node = "", cfg
-    for part in parts[:-1]:
-        if isinstance(node.get(part), CfgNode):
-            group, node = group + part + ".", node[part]
-        else:
-            break
-    shown = sorted(node.keys())
+    group = key.rpartition(".")[0]
+    while group and not isinstance(entries.get(group), CfgNode):  # the deepest existing group on the path
+        group = group.rpartition(".")[0]
+    shown = sorted((entries[group] if group else cfg).keys())
     listed = ", ".join(shown[:30]) + (", ..." if len(shown) > 30 else "")
-    return ConfigKeyError(f"{key} ({where}) is not a config key.{hint} Keys of {group.rstrip('.') or 'the config'}: "
-                          f"{listed}")
+    return ConfigKeyError(f"{key} ({where}) is not a config key.{hint} Keys of {group or 'the config'}: {listed}")
 
 
 def _type_error(cfg: CfgNode, key: str, value: str, where: str) -> ConfigValueError:
-    found, default = _lookup(cfg, key)
-    if found and isinstance(default, CfgNode):
+    default = {path: v for path, _, v in walk_config(cfg)}.get(key)
+    if isinstance(default, CfgNode):
         allowed = f"a group of keys ({', '.join(sorted(default.keys()))}): set one of them, e.g. {key}.KEY VALUE"
     else:
         words = _TYPE_WORDS.get(type(default), type(default).__name__)
@@ -85,13 +64,12 @@ def _type_error(cfg: CfgNode, key: str, value: str, where: str) -> ConfigValueEr
 
 
 def _merge(cfg: CfgNode, merge, where: str) -> None:
-    """Run ``merge()`` (a YACS merge into ``cfg``) with its key and type errors as one-line
-    :class:`ConfigKeyError` / :class:`ConfigValueError` messages."""
+    """Run ``merge()`` (a YACS merge into ``cfg``) with its key and type errors as one-line messages."""
     try:
         merge()
+    except ConfigValueError:
+        raise
     except (KeyError, AssertionError, ValueError) as e:
-        if isinstance(e, ConfigValueError):
-            raise
         text = str(e.args[0]) if e.args else str(e)
         unknown = _NO_KEY.search(text)
         if unknown:
@@ -106,22 +84,16 @@ def _merge(cfg: CfgNode, merge, where: str) -> None:
 
 
 def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
-    """Detectron2's default config + smallbn_d2's keys, merged with a YAML file and overrides.
+    """Detectron2's default config with smallbn_d2's keys, merged with a YAML file ("" for none) and
+    ``KEY VALUE`` overrides as on the command line; unfrozen.
 
-    Args:
-        config_file: path of a YAML config ("" for none).
-        opts: ``KEY VALUE`` overrides, as on the command line.
-    Returns:
-        an unfrozen ``CfgNode``.
     Raises:
         FileNotFoundError: ``config_file`` does not exist.
-        ConfigKeyError: the file or an override names a key the config does not have (the message
-            names it, the closest existing keys and the keys of its group).
+        ConfigKeyError: the file or an override names a key the config does not have.
         ConfigValueError: an invalid smallbn_d2 value, or a value of another type than the key's
-            default (YACS keeps each key's type; the message names the key and the type).
+            default (YACS keeps each key's type).
     """
-    cfg = get_cfg()
-    add_smallbn_config(cfg)
+    cfg = add_smallbn_config(get_cfg())
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"Config file {config_file!r} does not exist")
@@ -134,37 +106,21 @@ def load_config(config_file: str = "", opts: Sequence[str] = ()) -> CfgNode:
 def check_output_dir(output_dir: str, resume: bool = False, eval_only: bool = False,
                      allow_existing: bool = False, weights: str = "", files: Sequence[str] = (),
                      way_out: str = "--allow-existing-output-dir") -> None:
-    """Refuse to write over what a user has in an output folder: the one output guard of the
-    tools (``train_net``, ``lazyconfig_train_net``, ``convert_for_inference``, ``export_model``,
-    ``compare_runs``). Checks only; creates and writes nothing.
+    """Refuse to write over what a user has in an output folder: the one output guard of the tools.
+    Checks only; creates and writes nothing.
 
-    Rules, by what the tool writes:
-
-    * Always: ``output_dir`` must be a folder or not exist yet (a file there is refused, even with
-      ``allow_existing``), and so must every path a tool writes be a file or not exist.
-    * Named files (``files`` given: a converted checkpoint and its YAML, an exported model, the
-      comparison table and plots): refused if any of them exists in ``output_dir``, unless
-      ``allow_existing``; the folder's other content is never touched, so it does not matter.
-    * A run folder (``files`` empty: training writes ``last_checkpoint``, ``metrics.json``,
-      checkpoints, ``config.yaml``): a new run in a non-empty folder is refused unless ``resume``
-      (continue the run there) or ``allow_existing``. An evaluation (``eval_only``) in the folder
-      of a training run (it holds ``last_checkpoint``) would replace its ``config.yaml`` and add to
-      its inference results: allowed for that run's own checkpoints (``weights`` inside
-      ``output_dir``), refused for another model (e.g. a converted one) unless ``allow_existing``.
+    * ``output_dir`` must be a folder or not exist yet, and every path a tool writes a file or nothing.
+    * Named files (``files``, relative to ``output_dir``: a converted checkpoint, an exported model,
+      the comparison table): refused if one exists, unless ``allow_existing``.
+    * A run folder (``files`` empty): a new run in a non-empty folder is refused unless ``resume`` or
+      ``allow_existing``; an ``eval_only`` run in a training run's folder (it holds ``last_checkpoint``)
+      is refused for ``weights`` that are not that run's own checkpoints, unless ``allow_existing``.
 
     Args:
-        output_dir: the output folder.
-        resume: the run continues the one in ``output_dir`` (run folders only).
-        eval_only: the run only evaluates ``weights`` (run folders only).
-        allow_existing: write anyway (what ``way_out`` sets on the command line).
-        weights: the checkpoint an ``eval_only`` run evaluates.
-        files: the names (relative to ``output_dir``) of the files the tool writes, if it writes
-            only these.
-        way_out: the command-line option that sets ``allow_existing``, named in the message
-            (``"--overwrite"`` for the tools that write named files); ``""`` if the tool has none.
+        way_out: the command-line option that sets ``allow_existing``, named in the message; "" if none.
     Raises:
-        OutputDirExistsError (a ``FileExistsError``): one line naming the folder or files, what
-            is there and the ways out.
+        OutputDirExistsError (a ``FileExistsError``): one line naming the folder or files, what is
+            there and the ways out.
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise OutputDirExistsError(f"Output directory {output_dir!r} is a file; allowed: a new or existing folder")
@@ -215,48 +171,25 @@ def _lazy_tree(node: Any) -> Any:
         return OmegaConf.to_container(node, resolve=False)
 
 
-def _walk(node: Any, path: str) -> Iterator[Tuple[str, str, Any]]:
-    """``(dotted path, key, value)`` of every entry of a plain nested dict/list."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            sub = f"{path}.{key}" if path else str(key)
-            yield sub, str(key), value
-            yield from _walk(value, sub)
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            yield from _walk(value, f"{path}.{i}")
-
-
 def lazy_norm_fields(cfg) -> Dict[str, str]:
-    """The norm names a LazyConfig's model asks ``get_norm`` for.
-
-    Args:
-        cfg: a loaded LazyConfig (its ``model`` field is read).
-    Returns:
-        ``{dotted field: name}`` for every string field called ``norm`` or ``*_norm`` in the model
-        tree (``model.backbone.norm``, ``model.roi_heads.box_head.conv_norm``, ...); callables
-        and other values are left out.
-    """
+    """``{dotted field: name}`` of every string field called ``norm`` or ``*_norm`` in a LazyConfig's
+    model (``model.backbone.norm``, ``model.roi_heads.box_head.conv_norm``, ...)."""
     model = cfg.get("model", None) if hasattr(cfg, "get") else None
-    tree = _lazy_tree(model)
-    return {path: value for path, key, value in _walk(tree, "model")
+    return {path: value for path, key, value in walk_config(_lazy_tree(model), "model")
             if (key == "norm" or key.endswith("_norm")) and isinstance(value, str)}
 
 
 def lazy_dataset_names(cfg, eval_only: bool = False) -> List[str]:
-    """The dataset names a LazyConfig run reads: the ``names`` fields (a name or a list of names,
-    as ``detectron2.data.get_detection_dataset_dicts`` takes them) under ``dataloader.train``
-    (unless ``eval_only``) and under ``dataloader.test`` (when ``dataloader.evaluator`` is set:
-    without an evaluator nothing is evaluated). Order kept, duplicates left out."""
+    """The dataset names a LazyConfig run reads, in order without duplicates: the ``names`` fields
+    under ``dataloader.train`` (unless ``eval_only``) and ``dataloader.test`` (when
+    ``dataloader.evaluator`` is set)."""
     loader = cfg.get("dataloader", None) if hasattr(cfg, "get") else None
     if loader is None:
         return []
-    parts = [] if eval_only else ["train"]
-    if loader.get("evaluator", None) is not None:
-        parts.append("test")
+    parts = ([] if eval_only else ["train"]) + (["test"] if loader.get("evaluator", None) is not None else [])
     names: List[str] = []
     for part in parts:
-        for _, key, value in _walk(_lazy_tree(loader.get(part, None)), f"dataloader.{part}"):
+        for _, key, value in walk_config(_lazy_tree(loader.get(part, None)), f"dataloader.{part}"):
             if key == "names":
                 for name in [value] if isinstance(value, str) else list(value or []):
                     if isinstance(name, str) and name not in names:
@@ -264,31 +197,38 @@ def lazy_dataset_names(cfg, eval_only: bool = False) -> List[str]:
     return names
 
 
-def check_lazy_config(cfg, eval_only: bool = False) -> None:
-    """What ``tools/lazyconfig_train_net.py`` checks before any process starts or writes: the
-    LazyConfig counterpart of ``tools/train_net.py``'s norm-name and dataset checks.
+def check_norm_names(cfg) -> None:
+    """Check every norm name of a config before anything is built (Detectron2 reports an unknown
+    name only when the layer is built, without the key): the keys called ``NORM`` of a YACS config
+    (:func:`~smallbn_d2.config.norm_keys`), the ``norm``/``*_norm`` fields of a LazyConfig's model
+    (:func:`lazy_norm_fields`).
 
-    Args:
-        cfg: a loaded LazyConfig (overrides applied).
-        eval_only: only the test datasets are read.
     Raises:
-        ConfigValueError: a norm field (:func:`lazy_norm_fields`) holds a name ``get_norm`` does
-            not know; the message names the field, the value and every supported name.
-        DatasetNotRegisteredError: a dataset (:func:`lazy_dataset_names`) is not registered.
-        DatasetsNotFoundError: a dataset's annotation file or image folder is missing.
+        ConfigValueError: a name ``get_norm`` does not know; the message names the key, the value and
+            every supported name.
     """
     from ..modeling import supported_norms
 
     allowed = supported_norms()
-    for field, value in lazy_norm_fields(cfg).items():
+    fields = norm_keys(cfg) if isinstance(cfg, CfgNode) else lazy_norm_fields(cfg)
+    for field, value in fields.items():
         if value and value not in allowed:
             raise ConfigValueError(
                 f"{field} = {value!r} is invalid; allowed: {', '.join(repr(n) for n in allowed)}, or '' (no norm)")
+
+
+def check_lazy_config(cfg, eval_only: bool = False) -> None:
+    """What ``tools/lazyconfig_train_net.py`` checks before any process starts: :func:`check_norm_names`
+    and that the datasets the run reads (:func:`lazy_dataset_names`) are registered and present.
+
+    Raises:
+        ConfigValueError, DatasetNotRegisteredError, DatasetsNotFoundError.
+    """
+    check_norm_names(cfg)
     check_datasets_exist(lazy_dataset_names(cfg, eval_only))
 
 
-#: Errors caused by the user's input (config values, norm wiring, datasets, output dir, checkpoint
-#: shapes, missing files): the training tools print them as one line, without a traceback.
+#: Errors caused by the user's input: the training tools print them as one line, without a traceback.
 USER_ERRORS = (OutputDirExistsError, ConfigValueError, DatasetsNotFoundError, DatasetNotRegisteredError,
                NormNotWiredError, FileNotFoundError, NormStateShapeError, SampleRegistrationError,
                IncompatibleCheckpointError)
@@ -296,15 +236,11 @@ USER_ERRORS = (OutputDirExistsError, ConfigValueError, DatasetsNotFoundError, Da
 
 def training_argument_parser(output_dir_key: str = "OUTPUT_DIR", description: str = "",
                              examples: str = "", lazy: bool = False) -> argparse.ArgumentParser:
-    """Detectron2's ``default_argument_parser`` plus ``--allow-existing-output-dir`` (see
-    :func:`check_output_dir`).
+    """Detectron2's ``default_argument_parser`` plus ``--allow-existing-output-dir`` (:func:`check_output_dir`).
 
     Args:
-        output_dir_key: the output folder's config key, named in the help (``OUTPUT_DIR``, or
-            ``train.output_dir`` for LazyConfigs).
-        description: what the tool does, shown first by ``--help``.
-        examples: example command lines shown last by ``--help`` (default: Detectron2's, which
-            use YACS overrides).
+        output_dir_key: the output folder's config key, named in the help.
+        description, examples: shown first and last by ``--help`` (default examples: Detectron2's).
         lazy: the tool reads LazyConfigs (overrides ``key=value``), not YACS configs (``KEY VALUE``).
     """
     parser = default_argument_parser(epilog=examples or None)
@@ -321,8 +257,7 @@ def training_argument_parser(output_dir_key: str = "OUTPUT_DIR", description: st
 
 
 def setup_cpu(device: str) -> None:
-    """On a CPU device (``"cpu"``, ``"cpu:0"``): flush subnormal floats to zero. Subnormals
-    (|x| < 1.2e-38), common in gradients of models trained from scratch, are 10-100x slower on x86
-    CPUs; flushing them changes no result that matters. Other devices: nothing."""
+    """On a CPU device, flush subnormal floats to zero: subnormals (|x| < 1.2e-38), common in the
+    gradients of models trained from scratch, are 10-100x slower on x86 CPUs. Other devices: nothing."""
     if str(device).startswith("cpu"):
         torch.set_flush_denormal(True)
