@@ -81,7 +81,8 @@ def test_loss_trend_takes_the_first_and_last_finite_logged_loss_and_the_last_wri
     assert loss_trend(rows) == (19, 5.0, 59, 2.0)
     assert loss_trend(rows[:1]) == (19, 5.0, 19, 5.0)  # a run of <= 20 iterations logs once
     assert loss_trend([{"iteration": 3, "bbox/AP": 1.0}]) is None
-    assert loss_trend([{"iteration": 5, "total_loss": float("inf")}, {"iteration": 9, "total_loss": 1.0}]) == (9, 1.0, 9, 1.0)
+    infinite_first = [{"iteration": 5, "total_loss": float("inf")}, {"iteration": 9, "total_loss": 1.0}]
+    assert loss_trend(infinite_first) == (9, 1.0, 9, 1.0)
 
 
 def test_summary_gives_the_loss_trend_in_one_based_iteration_counts():

@@ -1,2 +1,3 @@
-"""Utilities outside the core: reading finished runs back and comparing them (tools/compare_runs.py),
-and what the statistics diagnostics of projects/ share (:mod:`.diagnostics`)."""
+"""Run reports of the training tools, beside them and not installed with smallbn_d2: runs read back
+(:mod:`.run_metrics`), compared in tables and plots (:mod:`.compare`, :mod:`.published`) by
+tools/compare_runs.py, and the end-of-run summary of tools/train_net.py (:mod:`.summary`)."""

@@ -1,20 +1,7 @@
-"""Read a training run back from the files ``tools/train_net.py`` (Detectron2) leaves in OUTPUT_DIR.
+"""Read a run back from the files tools/train_net.py or tools/lazyconfig_train_net.py leave in its
+output folder: config.yaml, metrics.json, log.txt, inference/inference_time.json.
 
-* ``config.yaml``: the config as given (dumped by ``default_setup`` *before* Detectron2's
-  ``auto_scale_workers``): model, norms, ``SOLVER.IMS_PER_BATCH`` and ``REFERENCE_WORLD_SIZE``.
-  A LazyConfig run (``tools/lazyconfig_train_net.py``) dumps its Python config as YAML, with
-  Python objects (Detectron2's ``ShapeSpec``) under ``!!python/...`` tags: they are read as plain
-  data without importing or running anything (:func:`read_config`), and the fields that describe
-  the run are mapped to the YACS keys above (:func:`lazy_config_as_yacs`).
-* ``metrics.json``: one JSON object per line, written by Detectron2's ``JSONWriter`` every 20
-  iterations and at the end: losses, ``time`` (seconds per iteration, median over the last 20),
-  peak memory (:mod:`smallbn_d2.engine.resources`), and the evaluation results at the iteration
-  of each evaluation under keys like ``bbox/AP`` (``<dataset>/bbox/AP`` with several test sets).
-  After ``--resume`` lines are appended; a later line wins for the same iteration.
-* ``log.txt``: the world size ("Rank of current process: 0. World size: N"), and the
-  "copypaste:" result lines of ``--eval-only`` runs, which write no metrics.json results.
-* ``inference/inference_time.json``: inference seconds per image per process
-  (:func:`smallbn_d2.engine.resources.append_inference_time`).
+Which column of a comparison comes from which file: docs/MODEL_ZOO.md, "Comparing runs".
 """
 from __future__ import annotations
 
@@ -24,58 +11,45 @@ import os
 import re
 import statistics
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
-__all__ = [
-    "TASKS",
-    "METRICS",
-    "RunNotFoundError",
-    "Run",
-    "read_metrics",
-    "world_size_from_log",
-    "results_from_log",
-    "images_per_gpu",
-    "model_name",
-    "describe_norms",
-    "read_inference_time",
-    "read_config",
-    "is_lazy_config",
-    "lazy_config_as_yacs",
-    "load_run",
-]
+from smallbn_d2.engine.resources import CUDA_PEAK_KEY, INFERENCE_TIME_FILE, RSS_PEAK_KEY
 
-#: Evaluation tasks read (COCOEvaluator's names) and their metrics, in percent.
+__all__ = ["TASKS", "METRICS", "RESULT_KEY", "RunNotFoundError", "Run", "read_metrics", "row_results",
+           "world_size_from_log", "results_from_log", "images_per_gpu", "model_name", "describe_norms",
+           "read_inference_time", "read_config", "lazy_config_as_yacs", "load_run"]
+
+#: Evaluation tasks (COCOEvaluator's names) and their metrics, AP in percent.
 TASKS = ("bbox", "segm")
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-_RESULT_KEY = re.compile(r"^(?:(?P<dataset>.+)/)?(?P<task>bbox|segm)/(?P<metric>AP|AP50|AP75|APs|APm|APl)$")
+#: A result key of metrics.json: ``bbox/AP`` with one test set, ``<dataset>/bbox/AP`` with several.
+RESULT_KEY = re.compile(r"^(?:(?P<dataset>.+)/)?(?P<task>bbox|segm)/(?P<metric>AP|AP50|AP75|APs|APm|APl)$")
 _WORLD_SIZE = re.compile(r"Rank of current process: \d+\. World size: (\d+)")
 _COPYPASTE = re.compile(r"copypaste: (.*)$")
-_PEAK_KEYS = {"peak_memory/cuda_allocated_mb": "GPU", "peak_memory/cpu_rss_mb": "CPU RSS"}
-_INFERENCE_TIME_FILE = os.path.join("inference", "inference_time.json")
+_PEAK_KINDS = {CUDA_PEAK_KEY: "GPU", RSS_PEAK_KEY: "CPU RSS"}
 
 
 class RunNotFoundError(FileNotFoundError):
-    """A directory is not a finished-or-running ``tools/train_net.py`` output directory."""
+    """A folder that is not an output folder of the training tools (missing, or no config.yaml)."""
 
 
 @dataclass
 class Run:
-    """What one OUTPUT_DIR says about its run.
+    """What one output folder says about its run; None where the files do not tell.
 
     Attributes:
-        name: a label (the directory's name unless given).
-        output_dir: the directory.
-        config: ``config.yaml`` as a nested dict.
-        model: e.g. "Mask R-CNN R50-FPN"; ``family``: "Faster R-CNN", "Mask R-CNN", "RetinaNet", ...
+        name: the label (default: the folder's name); output_dir: the folder.
+        config: config.yaml as a nested dict (a LazyConfig run's through :func:`lazy_config_as_yacs`).
+        family, model: e.g. "Mask R-CNN", "Mask R-CNN R50-FPN" (:func:`model_name`).
         norm: e.g. "FPN+heads: CBN, backbone: FrozenBN" (:func:`describe_norms`).
-        images_per_gpu: images per process per iteration; ``num_gpus``: processes (None if unknown).
-        metrics: the rows of metrics.json, one per iteration, sorted.
-        results: task -> metric -> value (percent) of the last evaluation.
-        eval_iteration: iteration of that evaluation (None for an --eval-only run).
-        train_s_per_iter: median of ``time`` over metrics.json (None if never written).
-        peak_memory_mb: the largest peak memory written, ``peak_memory_kind`` "GPU" or "CPU RSS".
+        images_per_gpu: images per process per iteration; num_gpus: processes.
+        metrics: the rows of metrics.json, one per iteration, sorted (:func:`read_metrics`).
+        results: task -> metric -> AP (%) of the last evaluation of the first test set.
+        eval_iteration: the metrics.json iteration of that evaluation (None: read from log.txt).
+        train_s_per_iter: median of Detectron2's ``time`` (seconds per iteration).
+        peak_memory_mb: the largest peak written (MB = 2**20 bytes); peak_memory_kind: "GPU" or "CPU RSS".
         inference_s_per_image: the last recorded inference time (seconds per image per process).
     """
 
@@ -97,28 +71,27 @@ class Run:
 
     @property
     def iterations(self) -> Optional[int]:
-        """Iterations trained (last iteration with a loss in metrics.json + 1), None without losses.
-        (The final evaluation is written at iteration MAX_ITER, one past the last step.)"""
+        """Iterations trained: the last metrics.json iteration with a loss + 1 (None without losses)."""
         its = [r["iteration"] for r in self.metrics if "total_loss" in r]
         return max(its) + 1 if its else None
 
     def ap_curve(self, task: str, metric: str = "AP") -> List[Tuple[int, float]]:
         """``(iterations trained, value)`` of every evaluation of ``task`` in metrics.json.
 
-        Detectron2 stores a periodic evaluation after iteration i (0-based) at key i, and the
-        final one at MAX_ITER: both become the number of iterations trained (i + 1, MAX_ITER).
+        Detectron2 writes an evaluation after the 0-based iteration i at key i and the final one at
+        MAX_ITER: they count as i + 1 and MAX_ITER iterations trained.
         """
         out = []
         done = self.iterations
         for row in self.metrics:
-            res = _results_of_row(row, self.config)
-            if task in res and metric in res[task]:
+            res = _first_test_set(row, self.config)
+            if metric in res.get(task, {}):
                 it = row["iteration"]
                 out.append((it + 1 if done is None or it < done else it, res[task][metric]))
         return out
 
     def loss_curves(self) -> Dict[str, List[Tuple[int, float]]]:
-        """``total_loss`` and every ``loss_*`` key -> ``(iteration, value)`` (smoothed as written)."""
+        """``total_loss`` and every ``loss_*`` -> ``(iteration, value)``, values as written (20-iteration medians)."""
         curves: Dict[str, List[Tuple[int, float]]] = {}
         for row in self.metrics:
             for key, value in row.items():
@@ -128,70 +101,82 @@ class Run:
 
 
 def read_metrics(path: str) -> List[dict]:
-    """Rows of a Detectron2 ``metrics.json``, one per iteration (later lines win), sorted.
-
-    An unreadable *last* line (a run killed while writing) is skipped.
+    """The rows of a Detectron2 metrics.json, one per iteration, sorted; of the lines a resumed run
+    wrote again, the later wins. An unreadable last line (a run killed while writing) is skipped.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a line before the last is not JSON; names the file and the line number.
+        ValueError: an earlier line is not a JSON object with an ``iteration``; names file and line.
     """
     with open(path) as f:
-        lines = [line for line in f.read().splitlines()]
+        numbered = [(no, line) for no, line in enumerate(f.read().splitlines(), 1) if line.strip()]
     by_iter: Dict[int, dict] = {}
-    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
-    for k, (lineno, line) in enumerate(numbered):
+    for k, (no, line) in enumerate(numbered):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             if k == len(numbered) - 1:
                 break
-            raise ValueError(f"{path}:{lineno} is not a JSON object ({e}); metrics.json has one per line") from e
+            raise ValueError(f"{path}:{no} is not a JSON object ({e}); metrics.json has one per line") from e
         if not isinstance(row, dict) or "iteration" not in row:
-            raise ValueError(f"{path}:{lineno} has no 'iteration'; not a Detectron2 metrics.json line")
+            raise ValueError(f"{path}:{no} has no 'iteration'; not a Detectron2 metrics.json line")
         by_iter.setdefault(int(row["iteration"]), {}).update(row)
     return [by_iter[i] for i in sorted(by_iter)]
 
 
-def world_size_from_log(path: str) -> Optional[int]:
-    """Number of processes from Detectron2's ``default_setup`` line in ``log.txt`` (the last
-    one, i.e. of the latest start or resume); None if the file or the line is missing."""
+def row_results(row: Mapping) -> Dict[Optional[str], Dict[str, Dict[str, float]]]:
+    """The evaluation results in one metrics.json row: dataset -> task -> metric -> value, under the
+    dataset None for the unprefixed keys of a run with one test set (:data:`RESULT_KEY`)."""
+    out: Dict[Optional[str], Dict[str, Dict[str, float]]] = {}
+    for key, value in row.items():
+        m = RESULT_KEY.match(key)
+        if m and isinstance(value, (int, float)):
+            out.setdefault(m.group("dataset"), {}).setdefault(m.group("task"), {})[m.group("metric")] = float(value)
+    return out
+
+
+def _first_test_set(row: Mapping, cfg: dict) -> Dict[str, Dict[str, float]]:
+    """The results of ``row`` for the first test set of ``cfg`` (the one the tables show)."""
+    by_set = row_results(row)
+    test_sets = _get(cfg, "DATASETS.TEST") or [None]
+    return by_set.get(None) or by_set.get(test_sets[0], {})
+
+
+def _log_matches(path: str, pattern: re.Pattern) -> List[str]:
+    """The first group of ``pattern`` in every line of ``path`` that has it; empty without the file."""
     if not os.path.isfile(path):
-        return None
-    found = None
+        return []
     with open(path, errors="replace") as f:
-        for line in f:
-            m = _WORLD_SIZE.search(line)
-            if m:
-                found = int(m.group(1))
-    return found
+        return [m.group(1) for m in map(pattern.search, f.read().splitlines()) if m]
+
+
+def world_size_from_log(path: str) -> Optional[int]:
+    """The number of processes in the last "World size: N" line of Detectron2's log.txt (that of the
+    latest start or resume); None without the file or the line."""
+    found = _log_matches(path, _WORLD_SIZE)
+    return int(found[-1]) if found else None
 
 
 def results_from_log(path: str) -> Dict[str, Dict[str, float]]:
-    """The last "copypaste:" evaluation block per task in ``log.txt`` (Detectron2's
-    ``print_csv_format``): task -> metric -> value. Empty if none."""
-    if not os.path.isfile(path):
-        return {}
-    payload = []
-    with open(path, errors="replace") as f:
-        for line in f:
-            m = _COPYPASTE.search(line.rstrip("\n"))
-            if m:
-                payload.append(m.group(1))
+    """task -> metric -> value of the last "copypaste:" block per task in log.txt (Detectron2's
+    ``print_csv_format``; an ``--eval-only`` run writes its results only there); empty if none."""
+    payload = _log_matches(path, _COPYPASTE)
     out: Dict[str, Dict[str, float]] = {}
     for i, text in enumerate(payload[:-2]):
-        if text.startswith("Task: "):
-            task = text[len("Task: "):].strip()
-            names, values = payload[i + 1].split(","), payload[i + 2].split(",")
-            if task in TASKS and len(names) == len(values):
-                try:
-                    out[task] = {n: float(v) for n, v in zip(names, values) if n in METRICS}
-                except ValueError:
-                    continue
+        if not text.startswith("Task: "):
+            continue
+        task = text[len("Task: "):].strip()
+        names, values = payload[i + 1].split(","), payload[i + 2].split(",")
+        if task in TASKS and len(names) == len(values):
+            try:
+                out[task] = {n: float(v) for n, v in zip(names, values) if n in METRICS}
+            except ValueError:
+                continue
     return out
 
 
 def _get(cfg: dict, dotted: str, default=None):
+    """``cfg["A"]["B"]`` for ``"A.B"``, or ``default`` where a level is missing."""
     node = cfg
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -200,32 +185,13 @@ def _get(cfg: dict, dotted: str, default=None):
     return node
 
 
-def _results_of_row(row: dict, cfg: dict) -> Dict[str, Dict[str, float]]:
-    test_sets = list(_get(cfg, "DATASETS.TEST", []) or [])
-    out: Dict[str, Dict[str, float]] = {}
-    for key, value in row.items():
-        m = _RESULT_KEY.match(key)
-        if not m or not isinstance(value, (int, float)):
-            continue
-        # with several test sets Detectron2 prefixes the dataset name: keep the first test set
-        if m.group("dataset") is not None and test_sets and m.group("dataset") != test_sets[0]:
-            continue
-        out.setdefault(m.group("task"), {})[m.group("metric")] = float(value)
-    return out
-
-
 def images_per_gpu(cfg: dict, world_size: Optional[int]) -> Tuple[Optional[float], Optional[int]]:
-    """Images per process per iteration, and the number of processes.
+    """``(images per process per iteration, processes)``, None where unknown.
 
-    ``config.yaml`` holds the config before Detectron2's auto-scaling: with
-    ``SOLVER.REFERENCE_WORLD_SIZE`` R > 0 the run keeps ``IMS_PER_BATCH / R`` images per process
-    on any number of processes; with R = 0 it has ``IMS_PER_BATCH / world_size``.
-
-    Args:
-        cfg: the config dict; world_size: processes of the run (:func:`world_size_from_log`),
-            None if unknown.
-    Returns:
-        ``(images per GPU or None if unknown, world_size)``.
+    config.yaml holds the config before Detectron2's ``auto_scale_workers``: with
+    ``SOLVER.REFERENCE_WORLD_SIZE`` R > 0 a run keeps ``IMS_PER_BATCH / R`` images per process on
+    any number of processes; with R = 0 it has ``IMS_PER_BATCH / world_size``.
+    ``world_size``: from :func:`world_size_from_log`, None if unknown.
     """
     ims = _get(cfg, "SOLVER.IMS_PER_BATCH")
     ref = _get(cfg, "SOLVER.REFERENCE_WORLD_SIZE", 0) or 0
@@ -254,11 +220,10 @@ def model_name(cfg: dict) -> Tuple[str, str]:
 def describe_norms(cfg: dict) -> str:
     """Which norm sits where, e.g. "FPN+heads: CBN, backbone: FrozenBN" or "all: GN".
 
-    Places: the backbone (MODEL.RESNETS.NORM, with the stages frozen by MODEL.BACKBONE.FREEZE_AT,
-    whose BN Detectron2 turns into FrozenBN), the FPN (MODEL.FPN.NORM), and the heads: box head
-    (MODEL.ROI_BOX_HEAD.NORM, only with conv layers, NUM_CONV > 0), mask head (with MASK_ON),
-    RetinaNet head (MODEL.RETINANET.NORM). "none" stands for no norm. Places with the same norm
-    are grouped; the heads' group comes first.
+    Places: the backbone (MODEL.RESNETS.NORM; the stages that MODEL.BACKBONE.FREEZE_AT freezes are
+    FrozenBN), the FPN (MODEL.FPN.NORM), the box head (MODEL.ROI_BOX_HEAD.NORM, "none" without
+    convs: NUM_CONV 0), the mask head (with MASK_ON) and RetinaNet's head (MODEL.RETINANET.NORM).
+    Places with the same norm are grouped, the heads' group first; "none" means no norm.
     """
     family, _ = model_name(cfg)
 
@@ -283,7 +248,7 @@ def describe_norms(cfg: dict) -> str:
         heads.append(("head", norm("MODEL.RETINANET.NORM")))
     if heads and len({n for _, n in heads}) == 1:
         heads = [("heads", heads[0][1])]
-    places += heads  # model order: backbone, FPN, heads
+    places += heads
     if len({n for _, n in places}) == 1:
         return f"all: {places[0][1]}"
     groups: Dict[str, List[str]] = {}
@@ -295,9 +260,9 @@ def describe_norms(cfg: dict) -> str:
 
 
 def read_inference_time(output_dir: str) -> Optional[float]:
-    """Seconds per image (per process) of the last record in ``inference/inference_time.json``;
-    None if there is none."""
-    path = os.path.join(output_dir, _INFERENCE_TIME_FILE)
+    """Seconds per image per process of the last readable record in the folder's
+    inference/inference_time.json (``smallbn_d2.engine.resources.append_inference_time``); None if none."""
+    path = os.path.join(output_dir, INFERENCE_TIME_FILE)
     if not os.path.isfile(path):
         return None
     value = None
@@ -311,9 +276,8 @@ def read_inference_time(output_dir: str) -> Optional[float]:
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """YAML's safe loader that reads ``!!python/...`` tags (objects a LazyConfig dump holds, e.g.
-    ``!!python/object/new:detectron2.layers.shape_spec.ShapeSpec [32, 7, 7, null]``) as the plain
-    list, dict or string under the tag: nothing is imported or called."""
+    """YAML's safe loader that reads a ``!!python/...`` tag of a LazyConfig dump (e.g. Detectron2's
+    ``ShapeSpec``) as the plain list, dict or string under it: nothing is imported or called."""
 
 
 def _plain_python_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node):
@@ -328,8 +292,8 @@ _ConfigLoader.add_multi_constructor("tag:yaml.org,2002:python/", _plain_python_t
 
 
 def read_config(path: str) -> dict:
-    """A run's ``config.yaml`` as a nested dict: a YACS dump, or a LazyConfig dump whose Python
-    objects (``!!python/...`` tags) are read as plain lists/dicts (see :class:`_ConfigLoader`).
+    """A run's config.yaml as a nested dict: a YACS dump, or a LazyConfig dump with its Python
+    objects read as plain data (:class:`_ConfigLoader`).
 
     Raises:
         ValueError: the file is not YAML, or not a mapping; the message names the file.
@@ -346,11 +310,16 @@ def read_config(path: str) -> dict:
     return cfg
 
 
-def is_lazy_config(cfg: dict) -> bool:
-    """Whether ``cfg`` (a ``config.yaml`` dict) is a LazyConfig dump: a ``model`` with a
-    ``_target_`` and a ``train`` field, instead of YACS's ``MODEL``."""
-    model = cfg.get("model")
-    return isinstance(model, dict) and "_target_" in model and isinstance(cfg.get("train"), dict)
+def _sub(node, key) -> dict:
+    """``node[key]`` when both are mappings, else an empty dict."""
+    value = node.get(key) if isinstance(node, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def _norm(node: dict, key: str, default: str = "") -> str:
+    """A norm argument; "?" when the dump holds something other than a name (a callable)."""
+    value = node.get(key, default)
+    return value if isinstance(value, str) else "?"
 
 
 def _name(target) -> str:
@@ -359,34 +328,26 @@ def _name(target) -> str:
 
 
 def lazy_config_as_yacs(cfg: dict) -> dict:
-    """The fields of a LazyConfig dump that describe a run, under the YACS keys the readers here use.
+    """The fields of a LazyConfig dump that describe a run, under the YACS keys read here.
 
-    Mapping (Detectron2's model-zoo LazyConfig structure, ``common/models/*.py``):
-    ``MODEL.META_ARCHITECTURE`` from ``model._target_``; ``MODEL.MASK_ON``: ``model.roi_heads``
-    has a ``mask_head``; ``MODEL.BACKBONE.NAME`` ``build_resnet_fpn_backbone`` for an FPN over a
-    ResNet (``build_resnet_backbone`` for a ResNet alone); ``MODEL.RESNETS.DEPTH`` and ``NORM``
-    from ``backbone.bottom_up.stages``; ``MODEL.BACKBONE.FREEZE_AT`` from ``bottom_up.freeze_at``;
-    ``MODEL.FPN.NORM`` from ``backbone.norm``; box head ``conv_dims``/``conv_norm`` to
-    ``ROI_BOX_HEAD.NUM_CONV``/``NORM``; ``mask_head.conv_norm`` to ``ROI_MASK_HEAD.NORM``;
-    ``model.head.norm`` to ``RETINANET.NORM``; ``dataloader.train.total_batch_size`` to
-    ``SOLVER.IMS_PER_BATCH`` (the total over all processes; ``REFERENCE_WORLD_SIZE`` 0: nothing
-    rescales); ``dataloader.test.dataset.names`` to ``DATASETS.TEST``; ``train.max_iter`` to
-    ``SOLVER.MAX_ITER``. Fields the dump lacks are left out.
+    From Detectron2's model-zoo LazyConfig layout (``common/models/*.py``): ``model._target_`` ->
+    ``MODEL.META_ARCHITECTURE``; a ``roi_heads.mask_head`` -> ``MASK_ON``; an FPN over a ResNet ->
+    ``BACKBONE.NAME`` ``build_resnet_fpn_backbone`` (``build_resnet_backbone`` without FPN);
+    ``bottom_up.stages`` depth and norm -> ``RESNETS.DEPTH``/``NORM``; ``bottom_up.freeze_at`` ->
+    ``BACKBONE.FREEZE_AT``; ``backbone.norm`` -> ``FPN.NORM``; box head ``conv_dims``/``conv_norm``
+    -> ``ROI_BOX_HEAD.NUM_CONV``/``NORM``; ``mask_head.conv_norm`` -> ``ROI_MASK_HEAD.NORM``;
+    ``model.head.norm`` -> ``RETINANET.NORM``; ``dataloader.train.total_batch_size`` (all
+    processes) -> ``SOLVER.IMS_PER_BATCH`` with ``REFERENCE_WORLD_SIZE`` 0;
+    ``dataloader.test.dataset.names`` -> ``DATASETS.TEST``; ``train.max_iter`` -> ``SOLVER.MAX_ITER``.
+    Fields the dump lacks are left out.
     """
-    model = cfg.get("model") or {}
-    backbone = model.get("backbone") or {}
-    bottom_up = backbone.get("bottom_up") if isinstance(backbone.get("bottom_up"), dict) else None
-    resnet = bottom_up if bottom_up is not None else (backbone if _name(backbone.get("_target_")) == "ResNet" else {})
-    stages = resnet.get("stages") if isinstance(resnet.get("stages"), dict) else {}
-    stem = resnet.get("stem") if isinstance(resnet.get("stem"), dict) else {}
-    roi_heads = model.get("roi_heads") if isinstance(model.get("roi_heads"), dict) else {}
-    box_head = roi_heads.get("box_head") if isinstance(roi_heads.get("box_head"), dict) else {}
-    mask_head = roi_heads.get("mask_head") if isinstance(roi_heads.get("mask_head"), dict) else None
-    head = model.get("head") if isinstance(model.get("head"), dict) else {}
-    loader = cfg.get("dataloader") or {}
-    train_loader = loader.get("train") if isinstance(loader.get("train"), dict) else {}
-    test_loader = loader.get("test") if isinstance(loader.get("test"), dict) else {}
-    test_names = (test_loader.get("dataset") or {}).get("names") if isinstance(test_loader.get("dataset"), dict) else None
+    model = _sub(cfg, "model")
+    backbone = _sub(model, "backbone")
+    resnet = _sub(backbone, "bottom_up") or (backbone if _name(backbone.get("_target_")) == "ResNet" else {})
+    stages, stem = _sub(resnet, "stages"), _sub(resnet, "stem")
+    roi_heads = _sub(model, "roi_heads")
+    box_head, mask_head, head = _sub(roi_heads, "box_head"), roi_heads.get("mask_head"), _sub(model, "head")
+    test_names = _sub(_sub(_sub(cfg, "dataloader"), "test"), "dataset").get("names")
 
     arch = _name(model.get("_target_"))
     fpn = _name(backbone.get("_target_")) == "FPN"
@@ -394,31 +355,27 @@ def lazy_config_as_yacs(cfg: dict) -> dict:
     if resnet:
         backbone_name = ("build_retinanet_resnet_fpn_backbone" if arch == "RetinaNet" else
                          "build_resnet_fpn_backbone") if fpn else "build_resnet_backbone"
-    out: dict = {"MODEL": {"META_ARCHITECTURE": arch, "MASK_ON": mask_head is not None,
-                           "BACKBONE": {"NAME": backbone_name}, "RESNETS": {}, "FPN": {}, "ROI_BOX_HEAD": {},
-                           "ROI_MASK_HEAD": {}, "RETINANET": {}},
-                 "SOLVER": {"REFERENCE_WORLD_SIZE": 0}, "DATASETS": {}}
-    m = out["MODEL"]
+    m = {"META_ARCHITECTURE": arch, "MASK_ON": isinstance(mask_head, dict), "BACKBONE": {"NAME": backbone_name},
+         "RESNETS": {}, "FPN": {}, "ROI_BOX_HEAD": {}, "ROI_MASK_HEAD": {}, "RETINANET": {}}
+    out: dict = {"MODEL": m, "SOLVER": {"REFERENCE_WORLD_SIZE": 0}, "DATASETS": {}}
     if "depth" in stages:
         m["RESNETS"]["DEPTH"] = stages["depth"]
-    norm = stages.get("norm", stem.get("norm"))
-    if isinstance(norm, str):
-        m["RESNETS"]["NORM"] = norm
+    if "norm" in stages or "norm" in stem:
+        m["RESNETS"]["NORM"] = _norm(stages, "norm", stem.get("norm"))
     if "freeze_at" in resnet:
         m["BACKBONE"]["FREEZE_AT"] = resnet["freeze_at"]
-    if fpn and isinstance(backbone.get("norm", ""), str):
-        m["FPN"]["NORM"] = backbone.get("norm", "")
+    if fpn:
+        m["FPN"]["NORM"] = _norm(backbone, "norm")
     if box_head:
-        m["ROI_BOX_HEAD"]["NUM_CONV"] = len(box_head.get("conv_dims") or [])
-        m["ROI_BOX_HEAD"]["NORM"] = box_head.get("conv_norm", "") if isinstance(box_head.get("conv_norm", ""), str) else "?"
-    if mask_head is not None:
-        m["ROI_MASK_HEAD"]["NORM"] = mask_head.get("conv_norm", "") if isinstance(mask_head.get("conv_norm", ""),
-                                                                                  str) else "?"
+        m["ROI_BOX_HEAD"].update(NUM_CONV=len(box_head.get("conv_dims") or []), NORM=_norm(box_head, "conv_norm"))
+    if isinstance(mask_head, dict):
+        m["ROI_MASK_HEAD"]["NORM"] = _norm(mask_head, "conv_norm")
     if head:
-        m["RETINANET"]["NORM"] = head.get("norm", "") if isinstance(head.get("norm", ""), str) else "?"
+        m["RETINANET"]["NORM"] = _norm(head, "norm")
+    train_loader = _sub(_sub(cfg, "dataloader"), "train")
     if "total_batch_size" in train_loader:
         out["SOLVER"]["IMS_PER_BATCH"] = train_loader["total_batch_size"]
-    if "max_iter" in (cfg.get("train") or {}):
+    if "max_iter" in _sub(cfg, "train"):
         out["SOLVER"]["MAX_ITER"] = cfg["train"]["max_iter"]
     if test_names is not None:
         out["DATASETS"]["TEST"] = [test_names] if isinstance(test_names, str) else list(test_names)
@@ -426,23 +383,16 @@ def lazy_config_as_yacs(cfg: dict) -> dict:
 
 
 def load_run(output_dir: str, name: Optional[str] = None) -> Run:
-    """Read one OUTPUT_DIR of ``tools/train_net.py``.
+    """Read one output folder (its config.yaml; metrics.json, log.txt and inference/ as far as the
+    run got) into a :class:`Run` labelled ``name`` (default: the folder's name).
 
-    Args:
-        output_dir: the directory (holds ``config.yaml``; ``metrics.json``, ``log.txt`` and
-            ``inference/`` as far as the run got).
-        name: label of the run; default the directory's name.
-    Returns:
-        a :class:`Run`; values the files do not give are None. For a LazyConfig run
-        (``tools/lazyconfig_train_net.py``), ``Run.config`` is :func:`lazy_config_as_yacs` of its
-        config.yaml.
     Raises:
-        RunNotFoundError: ``output_dir`` is missing or has no ``config.yaml``.
-        ValueError: a corrupt metrics.json line (see :func:`read_metrics`), or an unreadable config.yaml.
+        RunNotFoundError: ``output_dir`` is missing or has no config.yaml.
+        ValueError: a corrupt metrics.json line (:func:`read_metrics`), or an unreadable config.yaml.
     """
-    cfg_path = os.path.join(output_dir, "config.yaml")
     if not os.path.isdir(output_dir):
         raise RunNotFoundError(f"Run directory {output_dir!r} does not exist")
+    cfg_path = os.path.join(output_dir, "config.yaml")
     if not os.path.isfile(cfg_path):
         raise RunNotFoundError(
             f"{output_dir!r} has no config.yaml: not an output folder of tools/train_net.py or "
@@ -450,7 +400,7 @@ def load_run(output_dir: str, name: Optional[str] = None) -> Run:
             f"(it holds: {', '.join(sorted(os.listdir(output_dir))[:8]) or 'nothing'})"
         )
     cfg = read_config(cfg_path)
-    if is_lazy_config(cfg):
+    if "_target_" in _sub(cfg, "model") and isinstance(cfg.get("train"), dict):  # a LazyConfig dump, not YACS
         cfg = lazy_config_as_yacs(cfg)
     metrics_path = os.path.join(output_dir, "metrics.json")
     metrics = read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
@@ -461,7 +411,7 @@ def load_run(output_dir: str, name: Optional[str] = None) -> Run:
               model=model, family=family, norm=describe_norms(cfg), images_per_gpu=ipg, num_gpus=world,
               metrics=metrics)
     for row in reversed(metrics):
-        res = _results_of_row(row, cfg)
+        res = _first_test_set(row, cfg)
         if res:
             run.results, run.eval_iteration = res, row["iteration"]
             break
@@ -469,7 +419,7 @@ def load_run(output_dir: str, name: Optional[str] = None) -> Run:
         run.results = results_from_log(log_path)
     times = [r["time"] for r in metrics if isinstance(r.get("time"), (int, float)) and math.isfinite(r["time"])]
     run.train_s_per_iter = statistics.median(times) if times else None
-    for key, kind in _PEAK_KEYS.items():
+    for key, kind in _PEAK_KINDS.items():
         values = [r[key] for r in metrics if isinstance(r.get(key), (int, float))]
         if values:
             run.peak_memory_mb, run.peak_memory_kind = max(values), kind
