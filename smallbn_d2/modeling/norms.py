@@ -1,43 +1,14 @@
 """Norm names for Detectron2's ``get_norm``: smallbn_d2's families next to Detectron2's own names.
 
-The one mechanism by which smallbn_d2 extends Detectron2
----------------------------------------------------------
-Detectron2 builds every normalization layer (ResNet stem and blocks, FPN, box/mask heads,
-RetinaNet head, ...) through ``detectron2.layers.get_norm(norm, out_channels)``, whose table of
-names is a literal inside the function, and the model modules hold their own reference to that
-function (``from detectron2.layers import get_norm``). So the only way to add names that all of
-them see is to change that one function object: :func:`install` (run when the integration,
-``smallbn_d2.modeling``, is first imported: by ``add_smallbn_config``, ``smallbn_d2.build_model``,
-the Trainer, ``smallbn_d2.lazy``; never by ``import smallbn_d2.layers``) replaces the *code* of
-``detectron2.layers.batch_norm.get_norm`` with a call to :func:`get_norm` below. It serves the
-names of :data:`~smallbn_d2.families.NORM_FAMILIES` and hands every other name to an unchanged
-copy of the original function, so Detectron2's names (whatever the installed version accepts:
-v0.6's, main's "LN", ...) keep working exactly as before. By the same mechanism, the two places
-where Detectron2 recognizes norms by class and which decide how a detector trains give the
-families' layers BN's treatment (:mod:`smallbn_d2.modeling.parity`):
-``detectron2.solver.build.get_default_optimizer_params`` (``SOLVER.WEIGHT_DECAY_NORM``) and
-``FrozenBatchNorm2d.convert_frozen_batchnorm`` (frozen stages, ``MODEL.BACKBONE.FREEZE_AT``).
-Nothing else of Detectron2 is changed (docs/NORM_PARITY.md lists every norm-aware place).
-
-Configured layers
------------------
-A family's layer is built by ``get_norm`` with the hyperparameters in force
-(:func:`norm_hyperparameters`, which :func:`smallbn_d2.build_model` puts in force from the config
-while Detectron2 builds the model, and :func:`smallbn_d2.lazy.build_lazy_model` from the
-LazyConfig's ``smallbn`` field). What depends on where a layer sits is decided after the build,
-from the built model's modules, by :func:`place_norms` (the same step for YAML configs and
-LazyConfigs):
-
-* a layer inside a box, mask or RetinaNet head (a module of :func:`head_types`) whose head
-  arguments differ (MABN: ``MODEL.MABN.HEAD_WARMUP_ITERS``, ``smallbn.head_norms``) is rebuilt
-  with them;
-* inside the ``RetinaNetHead`` of a ``RetinaNet`` a family with ``per_level_in_retinanet`` becomes
-  Detectron2's ``CycleBatchNormList`` of one layer per FPN level (``len(head_in_features)``) with
-  a shared affine, as Detectron2 does for "BN".
-
-Unknown names raise ``KeyError`` listing every accepted name: Detectron2's
-(:func:`detectron2_norm_names`: the names of :data:`DETECTRON2_NORM_NAMES` that the installed
-``get_norm`` accepts), and smallbn_d2's.
+The one mechanism by which smallbn_d2 extends Detectron2: Detectron2 builds every norm through
+``detectron2.layers.get_norm``, whose table of names is a literal inside the function, and each
+model module holds its own reference to it, so :func:`install` replaces the *code* of
+``detectron2.layers.batch_norm.get_norm`` with a call to :func:`get_norm`. It serves the names of
+:data:`~smallbn_d2.families.NORM_FAMILIES` and hands every other name to an unchanged copy of
+Detectron2's function, whatever names the installed version accepts (v0.6's, main's "LN"). Layers
+are built with the hyperparameters in force (:func:`norm_hyperparameters`); what depends on where a
+layer sits is decided after the build (:func:`place_norms`). See docs/ARCHITECTURE.md ("One
+extension point", "Layers built configured") and docs/NORM_PARITY.md.
 """
 from __future__ import annotations
 
@@ -53,21 +24,9 @@ from .. import compat
 from ..families import NORM_FAMILIES, NormFamily, family_of
 from ..layers import IterationNormBase
 
-__all__ = [
-    "supported_norms",
-    "detectron2_norm_names",
-    "DETECTRON2_NORM_NAMES",
-    "get_norm",
-    "register_norm",
-    "install",
-    "norm_hyperparameters",
-    "head_types",
-    "place_norms",
-    "retinanet_heads",
-    "per_level_retinanet_norms",
-    "frozen_convertible_norms",
-    "cuda_only_norms",
-]
+__all__ = ["supported_norms", "detectron2_norm_names", "DETECTRON2_NORM_NAMES", "get_norm", "register_norm", "install",
+           "norm_hyperparameters", "head_types", "place_norms", "retinanet_heads", "per_level_retinanet_norms",
+           "frozen_convertible_norms", "cuda_only_norms"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,27 +56,30 @@ def _original_get_norm() -> Callable:
     return batch_norm.get_norm
 
 
-#: Every name Detectron2's ``get_norm`` has accepted (v0.6: the first seven; main adds "LN").
-#: :func:`detectron2_norm_names` asks the installed ``get_norm`` which of them it accepts;
+#: Every name Detectron2's ``get_norm`` has accepted (v0.6: the first seven; main adds "LN");
 #: tests/test_norm_registry.py checks that the installed Detectron2 accepts no other name.
 DETECTRON2_NORM_NAMES = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 
 
 @functools.lru_cache(maxsize=None)
-def detectron2_norm_names() -> Tuple[str, ...]:
-    """The names of :data:`DETECTRON2_NORM_NAMES` that the installed Detectron2's ``get_norm``
-    accepts, asked of ``get_norm`` itself: a name it answers with ``KeyError`` is not one (v0.6:
-    no "LN"). Raises nothing."""
-    names = []
+def _detectron2_probe() -> Dict[str, Optional[nn.Module]]:
+    """Each name of :data:`DETECTRON2_NORM_NAMES` the installed ``get_norm`` accepts (it answers the
+    others with ``KeyError``) -> its layer of 32 channels, None if that cannot be built here."""
+    layers: Dict[str, Optional[nn.Module]] = {}
     for name in DETECTRON2_NORM_NAMES:
         try:
-            _original_get_norm()(name, 32)
+            layers[name] = _original_get_norm()(name, 32)
         except KeyError:
             continue
         except Exception:  # known, but its layer cannot be built here: still Detectron2's name
-            pass
-        names.append(name)
-    return tuple(names)
+            layers[name] = None
+    return layers
+
+
+def detectron2_norm_names() -> Tuple[str, ...]:
+    """The names of :data:`DETECTRON2_NORM_NAMES` that the installed ``get_norm`` accepts, asked of
+    it (v0.6: no "LN"). Raises nothing."""
+    return tuple(_detectron2_probe())
 
 
 def supported_norms() -> List[str]:
@@ -132,18 +94,17 @@ def norm_hyperparameters(source: Union[Mapping[str, Any], Any, None],
     """Build smallbn_d2's layers with these hyperparameters while the ``with`` block runs.
 
     Args:
-        source: a Detectron2 ``CfgNode`` with smallbn_d2's keys (``add_smallbn_config``; validated
-            here; head arguments from ``MODEL.MABN.HEAD_WARMUP_ITERS``), or a mapping
-            ``{family name: {constructor argument: value}}`` (e.g.
-            ``{"CBN": {"window_size": 8, "burn_in": 120}}``, as a LazyConfig gives it; families
-            not named get their defaults), or None (every layer with its defaults).
+        source: a ``CfgNode`` with smallbn_d2's keys (validated here; head arguments from
+            ``MODEL.MABN.HEAD_WARMUP_ITERS``), or ``{family name: {constructor argument: value}}``
+            as a LazyConfig gives it (e.g. ``{"CBN": {"window_size": 8}}``; other families get
+            their defaults), or None (every layer with its defaults).
         head: with a mapping ``source``: the arguments that differ inside the heads, merged over
             ``source`` (a LazyConfig's ``smallbn.head_norms``); applied by :func:`place_norms`.
     Raises:
         ConfigValueError: an invalid value in a config (the message names the key).
         KeyError: a config without smallbn_d2's keys (the message names ``add_smallbn_config``),
             or an unknown family name in the mapping.
-        TypeError: ``head`` given with a ``CfgNode`` (the config holds its head arguments).
+        TypeError: ``head`` given with a ``CfgNode``.
     """
     in_force = None if source is None and head is None else _resolve(source, head)
     token = _IN_FORCE.set(in_force)
@@ -183,9 +144,8 @@ def _kwargs(family: NormFamily, in_head: bool) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------- placement
 def retinanet_heads(model: nn.Module) -> Iterator[Tuple[nn.Module, int]]:
-    """Yield ``(head, number of FPN levels)`` for the ``RetinaNetHead`` (subclasses included) of
-    every Detectron2 ``RetinaNet`` in ``model`` (``model`` itself included); the number of levels
-    is ``len(retinanet.head_in_features)``, the features the head runs on (v0.6 and main)."""
+    """Yield ``(head, number of FPN levels)`` for the ``RetinaNetHead`` of every Detectron2
+    ``RetinaNet`` in ``model`` (itself included); levels: ``len(retinanet.head_in_features)``."""
     from detectron2.modeling.meta_arch.retinanet import RetinaNet, RetinaNetHead
 
     for module in model.modules():
@@ -193,30 +153,16 @@ def retinanet_heads(model: nn.Module) -> Iterator[Tuple[nn.Module, int]]:
             yield module.head, len(module.head_in_features)
 
 
-def _layers_with_parents(root: nn.Module) -> List[Tuple[nn.Module, str, IterationNormBase]]:
-    return [(parent, name, child) for parent in root.modules() for name, child in parent.named_children()
-            if isinstance(child, IterationNormBase)]
-
-
-def _replace(parent: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
-    state = next(iter(old.state_dict().values()), None)
-    setattr(parent, name, new if state is None else new.to(state.device))
-
-
 def place_norms(model: nn.Module) -> nn.Module:
-    """Decide, from the built model, what depends on where a layer sits (module docstring), in place.
+    """Decide, from the built model, what depends on where a layer sits; in place, returns ``model``.
 
-    Run right after Detectron2 (or ``instantiate`` of a LazyConfig) built ``model`` and before
-    :func:`~smallbn_d2.modeling.wiring.prepare_norms`, inside the same
-    :func:`norm_hyperparameters` block (outside one: the layers' defaults). Layers in the heads
-    (:func:`head_types`) whose head arguments differ from the others' are rebuilt with them; the
-    layers of a per-level family in the head of a ``RetinaNet`` (:func:`retinanet_heads`) become a
-    ``CycleBatchNormList`` of one such layer per FPN level, each built with the head arguments.
-    Other layers are left as built. The model must not be trained or loaded yet (rebuilt layers
-    start fresh).
+    Run right after Detectron2 (or ``instantiate`` of a LazyConfig) built ``model``, inside the same
+    :func:`norm_hyperparameters` block, before :func:`~smallbn_d2.modeling.wiring.prepare_norms`.
+    Layers in the heads (:func:`head_types`) whose head arguments differ are rebuilt with them; in
+    the head of a ``RetinaNet`` a family with ``per_level_in_retinanet`` becomes Detectron2's
+    ``CycleBatchNormList`` of one layer per FPN level with a shared affine, as Detectron2 does for
+    "BN". Rebuilt layers start fresh, so the model must not be trained or loaded yet.
 
-    Returns:
-        ``model``.
     Raises:
         ValueError: an invalid head argument (raised by the layer's constructor).
     """
@@ -224,7 +170,9 @@ def place_norms(model: nn.Module) -> nn.Module:
 
     levels = {id(head): n for head, n in retinanet_heads(model)}
     for head in [m for m in model.modules() if isinstance(m, head_types())]:
-        for parent, name, layer in _layers_with_parents(head):
+        layers = [(parent, name, child) for parent in head.modules() for name, child in parent.named_children()
+                  if isinstance(child, IterationNormBase)]
+        for parent, name, layer in layers:
             family = family_of(type(layer))
             if family is None or isinstance(parent, CycleBatchNormList):
                 continue
@@ -236,7 +184,8 @@ def place_norms(model: nn.Module) -> nn.Module:
                 new = family.layer_class(layer.num_features, **kwargs)
             else:
                 continue
-            _replace(parent, name, layer, new)
+            state = next(iter(layer.state_dict().values()), None)
+            setattr(parent, name, new if state is None else new.to(state.device))
     return model
 
 
@@ -250,9 +199,7 @@ def get_norm(norm: Union[str, Callable, None], out_channels: int):
         out_channels: C of the (N, C, H, W) tensor to normalize.
     Returns:
         ``nn.Module`` or None. A family's layer is built with the hyperparameters in force
-        (:func:`norm_hyperparameters`; the layer's defaults outside one); where it sits is
-        decided after the build (:func:`place_norms`). Detectron2's names are served by
-        Detectron2's unchanged function (with the v0.6 fix of
+        (:func:`norm_hyperparameters`). Other names go to Detectron2's unchanged function (with
         :func:`smallbn_d2.compat.get_norm_channels`).
     Raises:
         KeyError: unknown name; the message lists every accepted name.
@@ -269,35 +216,24 @@ def get_norm(norm: Union[str, Callable, None], out_channels: int):
     return _original_get_norm()(norm, out_channels)
 
 
-def _trampoline(norm, out_channels):  # its code becomes Detectron2's get_norm's code
-    return _smallbn_get_norm(norm, out_channels)  # noqa: F821 (a global of Detectron2's module)
-
-
 def install() -> None:
-    """Route ``detectron2.layers.get_norm`` (every reference to it) through :func:`get_norm`, and
-    give the families' layers BN's treatment where Detectron2 recognizes norms by class
-    (``get_default_optimizer_params``, ``FrozenBatchNorm2d.convert_frozen_batchnorm``:
-    :mod:`smallbn_d2.modeling.parity`).
-
-    Idempotent. Raises nothing.
-    """
+    """Route ``detectron2.layers.get_norm`` (every reference to it) through :func:`get_norm`, and give
+    the families' layers BN's treatment (:func:`smallbn_d2.modeling.parity.install`). Idempotent.
+    Raises nothing."""
     global _d2_get_norm
     from detectron2.layers import batch_norm
 
     from . import parity
 
     parity.install()
-    _d2_get_norm = parity.redirect_function(batch_norm, batch_norm.get_norm, get_norm, lambda: _trampoline.__code__)
+    _d2_get_norm = parity.redirect_function(batch_norm, batch_norm.get_norm, get_norm)
 
 
 def register_norm(family: NormFamily) -> None:
-    """Add a norm family (served by ``get_norm`` under ``family.name``).
+    """Add a norm family, served by ``get_norm`` under ``family.name``.
 
-    Args:
-        family: a :class:`~smallbn_d2.families.NormFamily` whose ``layer_class``
-            subclasses ``smallbn_d2.layers.IterationNormBase``.
     Raises:
-        TypeError: ``family`` is not a ``NormFamily``.
+        TypeError: ``family`` is not a :class:`~smallbn_d2.families.NormFamily`.
         ValueError: ``family.name`` is one of Detectron2's names or already registered.
     """
     if not isinstance(family, NormFamily):
@@ -319,31 +255,18 @@ def per_level_retinanet_norms() -> Tuple[str, ...]:
         n for n, f in NORM_FAMILIES.items() if f.per_level_in_retinanet)
 
 
-@functools.lru_cache(maxsize=None)
-def _detectron2_probe_layers() -> Dict[str, nn.Module]:
-    """One layer of 32 channels per Detectron2 name, built by the installed Detectron2."""
-    layers = {}
-    for name in detectron2_norm_names():
-        try:
-            layers[name] = _original_get_norm()(name, 32)
-        except Exception:  # a name whose layer cannot be built here: not classified
-            continue
-    return layers
-
-
 def _detectron2_bn_names() -> Tuple[str, ...]:
-    return tuple(n for n, m in _detectron2_probe_layers().items()
+    return tuple(n for n, m in _detectron2_probe().items()
                  if isinstance(m, compat.torch_batch_norm_base()) and m.track_running_stats)
 
 
 def cuda_only_norms() -> Tuple[str, ...]:
     """Detectron2's names that build ``torch.nn.SyncBatchNorm``, which trains only on CUDA with
     several processes (v0.6 and main: "SyncBN", "nnSyncBN")."""
-    return tuple(n for n, m in _detectron2_probe_layers().items() if isinstance(m, nn.SyncBatchNorm))
+    return tuple(n for n, m in _detectron2_probe().items() if isinstance(m, nn.SyncBatchNorm))
 
 
 def frozen_convertible_norms() -> Tuple[str, ...]:
-    """Names whose layers become ``FrozenBatchNorm2d`` in a converted model: Detectron2's names
-    that build a BatchNorm with running statistics (asked of the installed Detectron2) and every
-    smallbn_d2 family."""
+    """Names whose layers become ``FrozenBatchNorm2d`` in a converted model: Detectron2's names that
+    build a BatchNorm with running statistics (asked of the installed Detectron2), then every family."""
     return _detectron2_bn_names() + tuple(n for n in NORM_FAMILIES if n not in _detectron2_bn_names())

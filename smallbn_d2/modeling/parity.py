@@ -1,41 +1,18 @@
 """BN's treatment by Detectron2, given to CBN / NaiveCBN / MABN: optimizer hyperparameters, frozen stages.
 
-Detectron2 treats normalization layers specially in two places that decide how a detector
-trains, and both recognize norms by a fixed list of classes that cannot know smallbn_d2's layers
-(every family's layer subclasses :class:`~smallbn_d2.layers.IterationNormBase`, an ``nn.Module``):
+Detectron2 recognizes norms by fixed tuples of classes in two places that decide how a detector
+trains; neither can know smallbn_d2's layers (docs/NORM_PARITY.md, its second and third rows):
 
-* **Optimizer hyperparameters.** ``detectron2.solver.build.get_default_optimizer_params`` gives
-  the parameters of a module in its local tuple of norm classes (``torch.nn.BatchNorm2d``,
-  ``GroupNorm``, ...) ``weight_decay_norm`` (``SOLVER.WEIGHT_DECAY_NORM``, 0.0 in the LazyConfig
-  model zoo's ``common/optim.py``); every caller uses it: ``build_optimizer`` (so
-  ``DefaultTrainer`` and smallbn_d2's ``Trainer``), the model zoo's ``L(get_default_optimizer_params)``
-  and user code. Without this module, CBN/MABN gamma and beta would get ``weight_decay``.
-  :func:`get_default_optimizer_params` below runs Detectron2's unchanged function on a *BN view*
-  of the model (:func:`bn_view`): the same module tree, the same module names and the very same
-  ``nn.Parameter`` objects, where each CBN/MABN layer is stood in for by a genuine
-  ``torch.nn.BatchNorm2d`` holding that layer's parameters. So every rule of the installed
-  Detectron2 (``weight_decay_norm``, ``base_lr``, the bias rules, ``overrides``, main's name-based
-  ``lr_factor_func``, the first-holder-wins rule for shared parameters) applies to a CBN/MABN
-  parameter exactly as to a BN parameter at the same place, and nothing of Detectron2's rules is
-  re-implemented here.
-* **Frozen stages.** ``MODEL.BACKBONE.FREEZE_AT`` (and ``freeze_at`` of LazyConfig backbones)
-  freezes ResNet/RegNet stages with ``CNNBlockBase.freeze()``, which sets ``requires_grad=False``
-  and calls ``FrozenBatchNorm2d.convert_frozen_batchnorm`` (it converts only
-  ``BatchNorm2d``/``SyncBatchNorm``). :func:`convert_frozen_batchnorm` below extends that
-  classmethod: a CBN/NaiveCBN/MABN layer becomes a ``FrozenBatchNorm2d`` with the layer's
-  eval-mode affine (``eval_affine()``, converted by :mod:`smallbn_d2.deploy.to_frozen_bn`, the
-  function of ``smallbn_d2.convert_to_frozen_bn``); its producing conv is released (CBN stops
-  capturing the conv's input; MABN's weight centralization is baked into a plain weight), so a
-  frozen stage is plain convs and FrozenBN, as with BN. Detectron2 freezes while it builds the
-  backbone, before the wiring step attaches convs, so there the convs were never touched.
-  Everything else is handed to Detectron2's unchanged classmethod.
+* ``detectron2.solver.build.get_default_optimizer_params`` (``SOLVER.WEIGHT_DECAY_NORM``; used by
+  ``build_optimizer``, so ``DefaultTrainer``, and by the LazyConfig zoo's ``common/optim.py``):
+  Detectron2's unchanged function runs on :func:`bn_view` of the model, so every rule of the
+  installed version applies to a CBN/MABN parameter exactly as to a BN parameter at that place.
+* ``FrozenBatchNorm2d.convert_frozen_batchnorm`` (``CNNBlockBase.freeze``, ``MODEL.BACKBONE.FREEZE_AT``):
+  a layer becomes a ``FrozenBatchNorm2d`` with its eval-mode affine, as BN does.
 
-Both are installed by :func:`smallbn_d2.modeling.norms.install` (when ``smallbn_d2.modeling`` is
-first imported), by the
-mechanism it uses for ``get_norm``: the *code* of Detectron2's function is replaced by a call
-into this module, so every reference to it (taken before or after the install; the
-LazyConfig ``_target_`` ``detectron2.solver.build.get_default_optimizer_params``) behaves the
-same, and its name, module, docstring, signature and defaults stay Detectron2's.
+:func:`install` redirects both by :func:`redirect_function`, the mechanism of the ``get_norm``
+extension (:mod:`smallbn_d2.modeling.norms`): the *code* of Detectron2's function is replaced, so
+every reference to it behaves the same and it keeps Detectron2's name, module, docstring and signature.
 """
 from __future__ import annotations
 
@@ -60,6 +37,48 @@ FROZEN_FROM = "smallbn_d2_frozen_from"
 
 _d2_get_default_optimizer_params: Optional[Callable] = None  # unchanged copies, set by install()
 _d2_convert_frozen_batchnorm: Optional[Callable] = None
+
+
+# ----------------------------------------------------------------------------- redirection
+#: How a forwarding call passes each kind of parameter (positional ones by position).
+_PASS = {inspect.Parameter.VAR_POSITIONAL: "*{}", inspect.Parameter.KEYWORD_ONLY: "{0}={0}",
+         inspect.Parameter.VAR_KEYWORD: "**{}"}
+
+
+def _forwarding_code(target: Callable, handler_global: str) -> types.CodeType:
+    """Code with ``target``'s parameter list that returns ``handler_global(<the same arguments>)``."""
+    sig = inspect.signature(target)
+    bare = sig.replace(parameters=[p.replace(default=p.empty, annotation=p.empty) for p in sig.parameters.values()],
+                       return_annotation=sig.empty)  # the defaults stay target's own __defaults__
+    call = ", ".join(_PASS.get(p.kind, "{}").format(p.name) for p in sig.parameters.values())
+    namespace: Dict[str, Any] = {}
+    exec(compile(f"def {target.__name__}{bare}:\n    return {handler_global}({call})\n", __file__, "exec"), namespace)
+    return namespace[target.__name__].__code__
+
+
+def redirect_function(module: types.ModuleType, target: Callable, handler: Callable) -> Callable:
+    """Make Detectron2's function ``target`` (a function of ``module``) call ``handler``, once.
+
+    ``handler`` goes into ``module``'s globals as ``_smallbn_<handler name>``, and ``target``'s code
+    is replaced by a call to it with the same arguments, so every reference to ``target`` (taken
+    before or after) runs it and ``target`` keeps its name, module, docstring and signature. An
+    unchanged copy of ``target`` is kept in ``module``'s globals as ``_smallbn_original_<name>``; a
+    second call (e.g. after a reload of smallbn_d2) only points the global at the new ``handler``.
+
+    Returns:
+        the unchanged copy of ``target`` (named ``detectron2_<name>``). Raises nothing.
+    """
+    original_key = f"_smallbn_original_{target.__name__}"
+    handler_global = f"_smallbn_{handler.__name__}"
+    module.__dict__[handler_global] = handler
+    if original_key not in module.__dict__:
+        copy = types.FunctionType(target.__code__, target.__globals__, f"detectron2_{target.__name__}",
+                                  target.__defaults__, target.__closure__)
+        copy.__kwdefaults__ = target.__kwdefaults__
+        copy.__qualname__ = target.__qualname__
+        module.__dict__[original_key] = copy
+        target.__code__ = _forwarding_code(target, handler_global)
+    return module.__dict__[original_key]
 
 
 # ----------------------------------------------------------------------------- optimizer parameters
@@ -90,102 +109,31 @@ def _mirror(module: nn.Module, memo: Dict[int, nn.Module]) -> nn.Module:
 
 
 def bn_view(model: nn.Module) -> nn.Module:
-    """``model`` as Detectron2 would see it with BatchNorm2d in place of every CBN/MABN layer.
+    """``model`` as Detectron2 would see it with ``nn.BatchNorm2d`` in place of every CBN/MABN layer.
 
-    A module tree with ``model``'s module names and order, holding ``model``'s own
-    ``nn.Parameter`` objects (not copies), in which each :class:`IterationNormBase` layer is a
-    ``torch.nn.BatchNorm2d`` whose parameters are that layer's; subtrees without such a layer
-    are ``model``'s own modules, and the ancestors of such layers are plain ``nn.Module``
-    containers holding the ancestors' own parameters. Only for reading parameters (the view
-    cannot run a forward pass). Returns ``model`` itself if it holds no CBN/MABN layer.
+    The same module names and order and the very same ``nn.Parameter`` objects (not copies); each
+    :class:`IterationNormBase` layer is a ``BatchNorm2d`` holding its parameters, subtrees without
+    one are ``model``'s own modules, their ancestors plain ``nn.Module`` containers. For reading
+    parameters only (no forward pass). Returns ``model`` itself if it holds no CBN/MABN layer.
     """
     return _mirror(model, {})
 
 
 def get_default_optimizer_params(model: nn.Module, *args: Any, **kwargs: Any):
-    """Detectron2's ``get_default_optimizer_params`` with BN's treatment for CBN/MABN parameters.
+    """Detectron2's ``get_default_optimizer_params`` run unchanged on :func:`bn_view` ``(model)``.
 
-    Runs the installed Detectron2's unchanged function on :func:`bn_view` ``(model)`` with all
-    other arguments passed through, so a CBN/NaiveCBN/MABN layer's gamma/beta get exactly what a
-    ``BatchNorm2d`` at the same place would get (``weight_decay_norm``, lr, bias rules,
-    ``overrides``, ``lr_factor_func`` by the same names). Installed as the code of Detectron2's
-    function (module docstring); its arguments, return value (a list of param-group dicts
-    holding ``model``'s parameters) and errors are Detectron2's.
+    A CBN/NaiveCBN/MABN layer's gamma/beta get what a ``BatchNorm2d`` at the same place would
+    (``weight_decay_norm``, lr, bias rules, ``overrides``, ``lr_factor_func``). Arguments, return
+    value (param-group dicts holding ``model``'s parameters) and errors are Detectron2's.
     """
     return _d2_get_default_optimizer_params(bn_view(model), *args, **kwargs)
 
 
-def _forwarding_code(target: Callable, handler_global: str) -> types.CodeType:
-    """Code with ``target``'s exact parameter list that returns ``handler_global(<the same
-    arguments>)`` (positional-or-keyword ones positionally), looked up in ``target``'s globals."""
-    params, call, star = [], [], False
-    for p in inspect.signature(target).parameters.values():
-        if p.kind is p.POSITIONAL_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD:
-            params.append(p.name)
-            call.append(p.name)
-        elif p.kind is p.VAR_POSITIONAL:
-            params.append(f"*{p.name}")
-            call.append(f"*{p.name}")
-            star = True
-        elif p.kind is p.KEYWORD_ONLY:
-            if not star:
-                params.append("*")
-                star = True
-            params.append(p.name)
-            call.append(f"{p.name}={p.name}")
-        else:
-            params.append(f"**{p.name}")
-            call.append(f"**{p.name}")
-    source = f"def {target.__name__}({', '.join(params)}):\n    return {handler_global}({', '.join(call)})\n"
-    namespace: Dict[str, Any] = {}
-    exec(compile(source, __file__, "exec"), namespace)
-    return namespace[target.__name__].__code__
-
-
-def _unchanged_copy(target: Callable, name: str) -> Callable:
-    copy = types.FunctionType(target.__code__, target.__globals__, name, target.__defaults__, target.__closure__)
-    copy.__kwdefaults__ = target.__kwdefaults__
-    copy.__qualname__ = target.__qualname__
-    return copy
-
-
-def redirect_function(module: types.ModuleType, target: Callable, handler: Callable,
-                      make_code: Callable[[], types.CodeType]) -> Callable:
-    """Make Detectron2's function ``target`` (a function of ``module``) call ``handler``, once.
-
-    ``handler`` is put in ``module``'s globals as ``_smallbn_<handler name>``, which the code from
-    ``make_code()`` calls; that code replaces ``target``'s, so every reference to ``target`` (taken
-    before or after) runs it, and ``target`` keeps its name, module, docstring and signature. An
-    unchanged copy of ``target`` is kept in ``module``'s globals as
-    ``_smallbn_original_<target name>``. A second call (e.g. after a reload of smallbn_d2's
-    modules) only points the global at the new ``handler``.
-
-    Returns:
-        the unchanged copy of ``target`` (named ``detectron2_<name>``). Raises nothing.
-    """
-    original_key = f"_smallbn_original_{target.__name__}"
-    module.__dict__[f"_smallbn_{handler.__name__}"] = handler
-    if original_key not in module.__dict__:
-        module.__dict__[original_key] = _unchanged_copy(target, f"detectron2_{target.__name__}")
-        target.__code__ = make_code()
-    return module.__dict__[original_key]
-
-
-def _install_optimizer_params() -> None:
-    global _d2_get_default_optimizer_params
-    from detectron2.solver import build
-
-    target = build.get_default_optimizer_params
-    _d2_get_default_optimizer_params = redirect_function(
-        build, target, get_default_optimizer_params,
-        lambda: _forwarding_code(target, "_smallbn_get_default_optimizer_params"))
-
-
 # ----------------------------------------------------------------------------- frozen stages
-def _frozen_layer(cls: type, layer: IterationNormBase) -> nn.Module:
-    from ..deploy.to_frozen_bn import frozen_bn_from_affine as _frozen
+def _frozen_layer(layer: IterationNormBase) -> nn.Module:
+    from ..deploy.to_frozen_bn import frozen_bn_from_affine
 
-    frozen = _frozen(*layer.eval_affine())
+    frozen = frozen_bn_from_affine(*layer.eval_affine())
     # Detectron2 main's FrozenBN registers BN's counter as a buffer (None until set; named_buffers
     # skips None buffers, hence hasattr); v0.6's has none
     if hasattr(frozen, "num_batches_tracked"):
@@ -205,23 +153,20 @@ _depth = 0
 
 
 def convert_frozen_batchnorm(cls: type, module: nn.Module) -> nn.Module:
-    """``FrozenBatchNorm2d.convert_frozen_batchnorm`` that also converts CBN/NaiveCBN/MABN.
+    """``FrozenBatchNorm2d.convert_frozen_batchnorm`` (``cls``: its class) that also converts CBN/MABN.
 
-    Args:
-        cls: ``FrozenBatchNorm2d`` (the classmethod's class).
-        module: any ``nn.Module``; a CBN/MABN layer (shape (C,) statistics) returns a new
-            ``FrozenBatchNorm2d`` of C channels computing the layer's eval-mode output (its
-            producing conv released, MABN's weight centralization baked into it); anything else
-            goes to Detectron2's unchanged classmethod, which converts BatchNorm/SyncBatchNorm
-            and recurses into children (back through this function).
-    Returns:
-        as Detectron2's: a new module for a norm layer, else ``module`` converted in place.
+    A CBN/NaiveCBN/MABN layer of C channels becomes a new ``FrozenBatchNorm2d`` of C channels with
+    the layer's eval-mode output (``eval_affine()``); its producing conv is released and MABN's
+    weight centralization baked into the conv's weight. Anything else goes to Detectron2's
+    unchanged classmethod (BatchNorm/SyncBatchNorm; it recurses into children through this
+    function). Returns, as Detectron2's, a new module for a norm layer, else ``module`` converted
+    in place.
     """
     global _depth
     _depth += 1
     try:
         if isinstance(module, IterationNormBase):
-            return _frozen_layer(cls, module)
+            return _frozen_layer(module)
         return _d2_convert_frozen_batchnorm(cls, module)
     finally:
         _depth -= 1
@@ -232,22 +177,16 @@ def convert_frozen_batchnorm(cls: type, module: nn.Module) -> nn.Module:
             _to_bake.clear()
 
 
-def _frozen_trampoline(cls, module):  # its code becomes Detectron2's classmethod's code
-    return _smallbn_convert_frozen_batchnorm(cls, module)  # noqa: F821 (a global of Detectron2's module)
-
-
-def _install_frozen_conversion() -> None:
-    global _d2_convert_frozen_batchnorm
-    from detectron2.layers import batch_norm
-
-    target = batch_norm.FrozenBatchNorm2d.__dict__["convert_frozen_batchnorm"].__func__
-    _d2_convert_frozen_batchnorm = redirect_function(batch_norm, target, convert_frozen_batchnorm,
-                                                     lambda: _frozen_trampoline.__code__)
-
-
 def install() -> None:
-    """Give CBN/MABN BN's treatment in Detectron2's optimizer parameters and frozen stages
-    (module docstring). Idempotent; called by :func:`smallbn_d2.modeling.norms.install`.
-    Raises nothing."""
-    _install_optimizer_params()
-    _install_frozen_conversion()
+    """Redirect Detectron2's ``get_default_optimizer_params`` and
+    ``FrozenBatchNorm2d.convert_frozen_batchnorm`` to this module (module docstring). Idempotent;
+    called by :func:`smallbn_d2.modeling.norms.install`. Raises nothing."""
+    global _d2_get_default_optimizer_params, _d2_convert_frozen_batchnorm
+    from detectron2.layers import batch_norm
+    from detectron2.solver import build
+
+    _d2_get_default_optimizer_params = redirect_function(build, build.get_default_optimizer_params,
+                                                         get_default_optimizer_params)
+    _d2_convert_frozen_batchnorm = redirect_function(
+        batch_norm, batch_norm.FrozenBatchNorm2d.__dict__["convert_frozen_batchnorm"].__func__,
+        convert_frozen_batchnorm)
