@@ -1,16 +1,8 @@
-"""The norm families of smallbn_d2: each norm name described once.
-
-A :class:`NormFamily` says everything the Detectron2 integration needs to know about a norm
-name: the layer class, whether it needs a producing conv, whether RetinaNet's head gets one
-layer per FPN level, and which config section holds its hyperparameters (and how the keys of
-that section map onto the layer's constructor arguments). What PreciseBN, freezing, conversion
-to FrozenBN and checkpoint mapping need from a layer are methods of the layers' base class
-(:class:`smallbn_d2.layers.IterationNormBase`), so no code above the layers asks which family a
-layer belongs to.
+"""The norm families of smallbn_d2: each norm name described once (:class:`NormFamily`).
 
 :data:`NORM_FAMILIES` holds the registered families by name; :mod:`smallbn_d2.modeling.norms`
-serves them through Detectron2's ``get_norm`` and every list of smallbn_d2's norm names is
-read from here.
+serves them through Detectron2's ``get_norm``, and every list of smallbn_d2's norm names is read
+from here. Torch only. See docs/ARCHITECTURE.md ("Norm names").
 """
 from __future__ import annotations
 
@@ -61,15 +53,9 @@ class NormFamily:
     per_level_in_retinanet: bool = True
 
     def layer_kwargs(self, section: Optional[Mapping[str, Any]], in_head: bool = False) -> Dict[str, Any]:
-        """Constructor keyword arguments from a config section (``cfg.MODEL.<config_section>``).
-
-        Args:
-            section: the section (a ``CfgNode`` or a dict with the same keys), or None for the
-                layer's defaults.
-            in_head: the layer sits inside a box, mask or RetinaNet head.
-        Returns:
-            ``{argument: value}``; the values are checked by the layer's constructor.
-        """
+        """``{constructor argument: value}`` from ``cfg.MODEL.<config_section>`` (a ``CfgNode`` or a
+        dict with its keys; None: the layer's defaults, ``{}``), for a layer inside a box, mask or
+        RetinaNet head if ``in_head``. The layer's constructor checks the values."""
         if section is None:
             return {}
         kwargs = {arg: section[key] for key, arg in self.config_keys.items()}
@@ -83,9 +69,7 @@ def burn_in_from_config(section: Mapping[str, Any]) -> Optional[int]:
     :func:`smallbn_d2.config.resolve_burn_in`)."""
     if section["BURN_IN_ITERS"] is not None:
         return section["BURN_IN_ITERS"]
-    if section["BURN_IN_EPOCHS"] is not None and section["BURN_IN_EPOCHS"] == 0:
-        return 0
-    return None
+    return 0 if section["BURN_IN_EPOCHS"] == 0 else None
 
 
 def _cbn_extra(section: Mapping[str, Any], in_head: bool) -> Dict[str, Any]:
@@ -93,20 +77,14 @@ def _cbn_extra(section: Mapping[str, Any], in_head: bool) -> Dict[str, Any]:
 
 
 def _mabn_extra(section: Mapping[str, Any], in_head: bool) -> Dict[str, Any]:
-    # the paper's COCO setting: heads use the current batch statistics for longer
+    # MABN paper, Appendix B.3 (COCO): the heads use the current batch statistics for longer
     if in_head:
         return {"warmup_iters": max(section["WARMUP_ITERS"], section["HEAD_WARMUP_ITERS"])}
     return {}
 
 
-_CBN_KEYS = {
-    "WINDOW_SIZE": "window_size",
-    "MOMENTUM": "momentum",
-    "EPS": "eps",
-    "AGGREGATION": "aggregation",
-    "WINDOW_AFTER_BURN_IN": "window_after_burn_in",
-    "COMPENSATE_BIAS": "compensate_bias",
-}
+_CBN_KEYS = {"WINDOW_SIZE": "window_size", "MOMENTUM": "momentum", "EPS": "eps", "AGGREGATION": "aggregation",
+             "WINDOW_AFTER_BURN_IN": "window_after_burn_in", "COMPENSATE_BIAS": "compensate_bias"}
 
 #: The registered families by name (smallbn_d2's own three; ``register_norm`` adds more).
 NORM_FAMILIES: Dict[str, NormFamily] = {
@@ -125,7 +103,4 @@ NORM_FAMILIES: Dict[str, NormFamily] = {
 
 def family_of(layer_class: type) -> Optional[NormFamily]:
     """The registered family whose ``layer_class`` is exactly ``layer_class``, or None."""
-    for family in NORM_FAMILIES.values():
-        if family.layer_class is layer_class:
-            return family
-    return None
+    return next((f for f in NORM_FAMILIES.values() if f.layer_class is layer_class), None)

@@ -1,24 +1,15 @@
 """Build Detectron2 models with configured CBN/MABN layers and wire them to their producing convs.
 
-:func:`build_model` is ``detectron2.modeling.build_model`` with the config's norm
-hyperparameters in force (:func:`~smallbn_d2.modeling.norms.norm_hyperparameters`), so every
-CBN / NaiveCBN / MABN layer is constructed configured, where Detectron2 asks ``get_norm`` for it;
-then :func:`~smallbn_d2.modeling.norms.place_norms` decides what depends on where a layer sits
-(head arguments, RetinaNet's per-level layers). Detectron2 builds a norm before the conv that
-feeds it, so one step remains, :func:`prepare_norms`: each layer is attached to its producing conv (``attach_conv``;
-CBN then allocates its window of statistics gradients, MABN centralizes the conv's weight). A
-producing conv is the ``Conv2d`` that holds the layer as ``Conv2d.norm`` (Detectron2's
-``Conv2d(..., norm=...)``) or the ``nn.Conv2d`` right before it in an ``nn.Sequential``
-(RetinaNet's head, also for its per-level ``CycleBatchNormList``). A layer without one raises
-:class:`NormNotWiredError` at build time.
-
-Building reads no data: a CBN burn-in given in epochs stays unknown (``burn_in=None``) until the
-trainer converts it with the training set size (:func:`smallbn_d2.config.resolve_burn_in`).
+Detectron2 builds a norm before the conv that feeds it, so after the build :func:`prepare_norms`
+attaches each layer to its producing conv: the ``Conv2d`` holding it as ``Conv2d.norm``, or the
+``nn.Conv2d`` right before it in an ``nn.Sequential`` (RetinaNet's head, also inside a
+``CycleBatchNormList``). Building reads no data. See docs/ARCHITECTURE.md ("Layers built configured").
 """
 from __future__ import annotations
 
+import collections
 import logging
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from detectron2.config import CfgNode
@@ -26,9 +17,9 @@ from detectron2.layers import CycleBatchNormList, FrozenBatchNorm2d
 from detectron2.modeling import build_model as d2_build_model
 from torch import nn
 
+from ..families import family_of
 from ..layers import IterationNormBase
 from ..layers.base import NormNotWiredError
-from ..families import NORM_FAMILIES
 from .norms import norm_hyperparameters, place_norms
 from .parity import FROZEN_FROM
 
@@ -45,10 +36,8 @@ def iteration_norms(model: nn.Module) -> Iterator[Tuple[str, IterationNormBase]]
 
 
 def set_norm_iteration(model: nn.Module, iteration: int) -> None:
-    """Tell every CBN/MABN layer of ``model`` the trainer iteration about to run (0-based).
-
-    Call it before every training step (``smallbn_d2.engine.NormIterationHook`` does it for
-    Detectron2's trainers).
+    """Tell every CBN/MABN layer of ``model`` the trainer iteration about to run (0-based); call it
+    before every training step (``smallbn_d2.engine.NormIterationHook`` does).
 
     Raises:
         ValueError: ``iteration`` is not an integer >= 0.
@@ -78,42 +67,29 @@ def _attach_producers(model: nn.Module) -> None:
                         layer.attach_conv(prev)
 
 
-def _needs_conv(layer: IterationNormBase) -> bool:
-    family = next((f for f in NORM_FAMILIES.values() if f.layer_class is type(layer)), None)
-    return True if family is None else family.needs_producing_conv
-
-
 def prepare_norms(model: nn.Module, cfg: Optional[CfgNode] = None) -> nn.Module:
-    """Attach every CBN/MABN layer of a freshly built model to its producing conv, in place.
+    """Attach every CBN/MABN layer of a freshly built (not trained or loaded) model to its producing
+    conv, in place (CBN allocates its window of statistics gradients, MABN centralizes the conv).
 
-    Args:
-        model: e.g. from ``detectron2.modeling.build_model(cfg)`` (not yet trained or loaded).
-        cfg: its config, only used to name ``MODEL.BACKBONE.FREEZE_AT`` in the log. Layers in
-            frozen stages are ``FrozenBatchNorm2d`` already (Detectron2 freezes while it builds;
-            :mod:`smallbn_d2.modeling.parity`); one info line counts them.
-    Returns:
-        ``model``.
+    ``cfg`` only names ``MODEL.BACKBONE.FREEZE_AT`` in the info line that counts the layers already
+    frozen by Detectron2 while it built (:mod:`smallbn_d2.modeling.parity`). Returns ``model``.
+
     Raises:
         NormNotWiredError: a layer that needs a producing conv has none.
     """
     _attach_producers(model)
     layers = list(iteration_norms(model))
     for name, layer in layers:
-        if layer.conv is None and _needs_conv(layer):
+        family = family_of(type(layer))
+        if layer.conv is None and (family is None or family.needs_producing_conv):
             raise NormNotWiredError(
                 f"{type(layer).__name__} at {name!r} has no producing conv: CBN and MABN must directly "
                 "follow an nn.Conv2d (as Conv2d(..., norm=...) or next in an nn.Sequential)."
             )
     if layers:
-        counts = {}
-        for _, layer in layers:
-            counts[type(layer).__name__] = counts.get(type(layer).__name__, 0) + 1
-        logger.info(f"smallbn_d2: wired {counts}")
-    frozen: Dict[str, int] = {}
-    for module in model.modules():
-        source = getattr(module, FROZEN_FROM, None) if isinstance(module, FrozenBatchNorm2d) else None
-        if source is not None:
-            frozen[source] = frozen.get(source, 0) + 1
+        logger.info(f"smallbn_d2: wired {dict(collections.Counter(type(layer).__name__ for _, layer in layers))}")
+    frozen = dict(collections.Counter(getattr(m, FROZEN_FROM) for m in model.modules()
+                                      if isinstance(m, FrozenBatchNorm2d) and getattr(m, FROZEN_FROM, None)))
     if frozen:
         at = f" (MODEL.BACKBONE.FREEZE_AT = {cfg.MODEL.BACKBONE.FREEZE_AT})" if cfg is not None else ""
         logger.info(f"smallbn_d2: frozen stages{at} hold FrozenBatchNorm2d with the eval-mode affine of "
@@ -122,9 +98,9 @@ def prepare_norms(model: nn.Module, cfg: Optional[CfgNode] = None) -> nn.Module:
 
 
 def build_model(cfg: CfgNode) -> nn.Module:
-    """``detectron2.modeling.build_model(cfg)`` with the config's norm hyperparameters in force,
-    followed by :func:`~smallbn_d2.modeling.norms.place_norms` (head arguments, RetinaNet's
-    per-level layers) and :func:`prepare_norms`.
+    """``detectron2.modeling.build_model(cfg)`` with the config's norm hyperparameters in force
+    (:func:`~smallbn_d2.modeling.norms.norm_hyperparameters`), then
+    :func:`~smallbn_d2.modeling.norms.place_norms` and :func:`prepare_norms`.
 
     Args:
         cfg: a Detectron2 config with smallbn_d2's keys (``add_smallbn_config``).
