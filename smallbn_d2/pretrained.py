@@ -1,18 +1,8 @@
-"""Loaded weights and MABN's weight centralization: detect, once per model, weights that change.
+"""Warn, once per model, when MABN's weight centralization changes loaded weights. Torch only.
 
-MABN centralizes the weight of the conv that feeds it (Yan et al., ICLR 2020, Sec. 4.2;
-METHODS.md MABN item 2): the conv computes with ``W[c] - mean(W[c])`` per output channel. Weights
-trained that way lose nothing. Weights trained *without* it (the standard ImageNet checkpoints,
-any BN / FrozenBN model) have per-channel means that the network uses, so once they are loaded
-into convs that feed MABN layers the model silently computes another function; fine-tuning
-then starts from a damaged initialization. The MABN authors' remedy is weights pretrained with
-weight centralization; smallbn_d2's 1x configs use MABN only in the FPN and the heads, whose
-convs start from random initialization and are not affected.
-
-:func:`check_loaded_weight_centralization` measures it with
-:func:`smallbn_d2.layers.weight_centralization.centralization_report` and logs the result once
-per model: a warning naming the affected convs when there are any, one info line otherwise.
-Torch only.
+MABN centralizes the weight of the conv that feeds it (Yan et al., ICLR 2020, Sec. 4.2): weights
+trained without it (standard ImageNet checkpoints) then make a different model. See
+docs/CONVERT_NORM.md ("Pretrained weights and MABN").
 """
 from __future__ import annotations
 
@@ -46,29 +36,24 @@ def check_loaded_weight_centralization(
 ) -> List[CentralizedConv]:
     """Report weight-centralized convs whose loaded weights centralization changes; log once per model.
 
-    Call it right after weights were loaded into a model with MABN layers (the checkpointer's
-    load, or :func:`smallbn_d2.convert_norm` with ``"MABN"``). A centralized conv is *affected*
-    when its ``relative_norm`` (the norm of the removed per-output-channel means relative to the
-    weight's norm, :class:`~smallbn_d2.layers.weight_centralization.CentralizedConv`) exceeds both
-    ``threshold`` and ``random_factor * random_level``. The second bound keeps freshly initialized
-    convs (relative norm about 1 / sqrt(C_in * kh * kw), e.g. 2 % for a 3x3 conv over 256
-    channels) and convs trained with centralization (whose raw weights keep their
-    initialization's per-channel means) from being reported.
+    Call it right after weights were loaded into a model with MABN layers (the checkpointer does,
+    and :func:`smallbn_d2.convert_norm` with ``"MABN"``). A centralized conv is *affected* when its
+    ``relative_norm`` (norm of the removed per-output-channel means / the weight's norm,
+    :class:`~smallbn_d2.layers.weight_centralization.CentralizedConv`) exceeds both ``threshold``
+    and ``random_factor * random_level``; the second bound spares freshly initialized convs (about
+    1 / sqrt(C_in * kh * kw)) and convs trained with centralization.
 
-    Logging (logger ``smallbn_d2.pretrained``), once per model: the first call that finds affected
-    convs logs a warning with their number, the largest ``top`` of them with their relative norms,
-    and what it means; later calls for that model log nothing. A call that finds none logs one
-    info line with the largest relative norm, once per model and not after the warning (so that
-    checking a freshly converted model does not silence the warning of a later checkpoint
-    load). Nothing is logged for a model without centralized convs.
+    Logs (logger ``smallbn_d2.pretrained``) once per model: a warning naming the ``top`` largest
+    affected convs, or, if none is affected, one info line (not after a warning, so that checking a
+    fresh conversion does not silence a later checkpoint's warning). Nothing for a model without
+    centralized convs.
 
     Args:
         model: the model the weights were loaded into (unwrapped from DDP).
-        loaded_keys: state-dict keys that were loaded (e.g. the checkpoint's ``model`` keys); when
-            given, only convs whose ``<name>.weight`` is among them are considered, so convs left
-            at their initialization are never reported. None: consider all centralized convs.
-        threshold: fraction in [0, 1) of the weight norm, default :data:`DEFAULT_THRESHOLD` (1 %).
-        random_factor: multiple (>= 0) of ``random_level``, default :data:`DEFAULT_RANDOM_FACTOR`.
+        loaded_keys: the state-dict keys loaded; when given, only convs whose ``<name>.weight`` is
+            among them count (convs left at their initialization are never reported).
+        threshold: fraction in [0, 1) of the weight norm (default 1 %).
+        random_factor: multiple (>= 0) of ``random_level`` (default 2).
         top: how many affected convs the warning names (>= 1).
     Returns:
         the affected convs, largest relative norm first.

@@ -1,27 +1,11 @@
-"""CBN and MABN for any PyTorch model: replace the BatchNorm2d layers that directly follow a conv.
+"""CBN and MABN for any PyTorch model: :func:`convert_norm` replaces the BatchNorm2d layers that
+directly follow a conv, in the spirit of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``. Torch only.
 
-:func:`convert_norm` is the counterpart of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` for
-smallbn_d2's norms: every ``nn.BatchNorm2d`` (and ``nn.SyncBatchNorm``; with
-``include_detectron2=True`` also Detectron2's ``FrozenBatchNorm2d``) whose input is the output of
-an ``nn.Conv2d`` becomes the layer of the requested norm family (``"CBN"``, ``"NaiveCBN"``,
-``"MABN"``: :data:`smallbn_d2.modeling.families.NORM_FAMILIES`), constructed with the given
-hyperparameters, with the BN's affine parameters and population statistics, and attached to
-its producing conv. What could not be converted is named, with the reason, in the returned
-:class:`ConversionReport`.
-
-How the producing conv is found: by running ONE forward pass with an example input, with forward
-hooks on every module. A BN's producing conv is the ``nn.Conv2d`` whose output tensor is exactly
-(the same object as) the BN's input, unmodified since (its version counter unchanged); a BN
-held as ``conv.norm`` by a conv (Detectron2's ``Conv2d(..., norm=...)``, which applies the norm
-inside its own forward) is produced by that conv. Why hooks and not ``torch.fx``: a forward
-pass works on any model that runs in eager mode, including Python control flow, list-of-dict
-inputs (Detectron2's models) and modules fx cannot trace, and tensor identity is exact (no
-pattern matching on a graph). Its limits: only what the example input reaches is seen (a model
-with data-dependent control flow converts the BNs on the example's path; the others are
-reported as not reached), the pass runs in eval mode (``model.eval()`` temporarily, under
-``torch.no_grad()``, random state restored afterwards: no statistics change and the train-mode
-path of a model that differs in eval mode is not seen), and modules called through
-``module.forward(...)`` instead of ``module(...)`` fire no hooks.
+Producing convs are found by ONE eval-mode forward of an example input with hooks on every module:
+a BN's producing conv is the ``nn.Conv2d`` whose output tensor is the BN's input tensor, unmodified
+(version counter unchanged), or the Detectron2 ``Conv2d`` holding it as ``conv.norm``. Hooks and not
+``torch.fx``: they work on any eager model (Python control flow, list-of-dict inputs) and tensor
+identity is exact. Modules called through ``module.forward(...)`` fire no hooks. See docs/CONVERT_NORM.md.
 """
 from __future__ import annotations
 
@@ -49,15 +33,9 @@ _FROM_BN = ("num_features", "affine")
 
 @dataclass(frozen=True)
 class ConversionEntry:
-    """One BN layer in a :class:`ConversionReport`.
-
-    Attributes:
-        name: its qualified module name in the model.
-        source: its class name (``"BatchNorm2d"``, ``"FrozenBatchNorm2d"``, ...).
-        channels: C (``num_features``).
-        conv: the producing conv's qualified name (None if none was found).
-        reason: why it was not converted ("" for a converted layer).
-    """
+    """One BN layer in a :class:`ConversionReport`: its qualified ``name``, its ``source`` class
+    (``"BatchNorm2d"``, ...), ``channels`` C, its producing ``conv``'s qualified name (None if none
+    was found) and the ``reason`` it was not converted ("" if it was)."""
 
     name: str
     source: str
@@ -68,13 +46,8 @@ class ConversionEntry:
 
 @dataclass
 class ConversionReport:
-    """What :func:`convert_norm` did.
-
-    Attributes:
-        norm: the norm family converted to (``"CBN"``, ``"NaiveCBN"``, ``"MABN"``).
-        converted: the BN layers replaced, each with its producing conv.
-        skipped: the BN layers left as they were, each with the reason.
-    """
+    """What :func:`convert_norm` did: the family it converted to (``norm``), the BN layers
+    ``converted`` (each with its producing conv) and those ``skipped`` (each with the reason)."""
 
     norm: str
     converted: List[ConversionEntry] = field(default_factory=list)
@@ -106,10 +79,6 @@ def _detectron2_frozen_bn():
     except ImportError as e:  # pragma: no cover - detectron2 is a dependency of the package
         raise ImportError(f"convert_norm(include_detectron2=True) needs Detectron2: {e}") from e
     return FrozenBatchNorm2d
-
-
-def _as_args(example_inputs: Any) -> tuple:
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
 def _trace(module: nn.Module, names: Dict[int, str], watched: Dict[int, str], structural: Dict[int, str],
@@ -162,7 +131,7 @@ def _trace(module: nn.Module, names: Dict[int, str], watched: Dict[int, str], st
             handles.append(m.register_forward_hook(hook))
         module.eval()
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            module(*_as_args(example_inputs))
+            module(*(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
     finally:
         for h in handles:
             h.remove()
@@ -276,61 +245,37 @@ def convert_norm(module: nn.Module, norm: str, example_inputs: Any, *, include_d
                  **hyperparameters: Any) -> Tuple[nn.Module, ConversionReport]:
     """Replace, in place, the BN layers of ``module`` that directly follow a conv by CBN / NaiveCBN / MABN.
 
-    In the spirit of ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, for any PyTorch model
-    (torchvision, timm, Detectron2's). How producing convs are found, and the limits of it: see the
-    module docstring (one eval-mode forward of ``example_inputs`` with hooks; a BN's producing conv
-    is the ``nn.Conv2d`` whose output tensor is the BN's input tensor).
-
     Converted: every ``nn.BatchNorm2d`` (subclasses included) and ``nn.SyncBatchNorm``, and with
-    ``include_detectron2=True`` Detectron2's ``FrozenBatchNorm2d`` (which becomes trainable: its
-    weight/bias become parameters), that the example forward calls once with a (N, C, H, W)
-    input produced by an ``nn.Conv2d``. Each is replaced by
-    ``NORM_FAMILIES[norm].layer_class(C, affine=..., **hyperparameters)`` with:
-
-    * eps: the BN's, unless ``eps`` is among ``hyperparameters``; momentum: the layer's default or
-      the given one (never the BN's: MABN's momentum weights the old value, BN's the new one);
-    * affine: gamma/beta copied (a frozen BN affine stays frozen);
-    * population statistics: ``layer.set_population_statistics(E[x], E[x^2])`` with
-      E[x] = running_mean and E[x^2] = running_var + running_mean^2 computed in float64 (CBN:
-      running_mean/running_var as they were; MABN: running_chi2 = running_var + running_mean^2);
-    * the BN's device, dtype and training flag;
-    * attached to its producing conv (``attach_conv``; CBN captures the conv's input, MABN
-      centralizes the conv's weight, which changes the conv's output for all its consumers).
-
-    CBN's eval mode computes what the BN's did; MABN's does not (it normalizes without centering
-    and with centralized conv weights). After a conversion to MABN the weights that centralization
-    changes are reported once (:func:`smallbn_d2.pretrained.check_loaded_weight_centralization`):
-    pretrained weights trained without centralization make a different model.
-
-    Training afterwards: the layers need the trainer iteration (0-based) before every training
-    step, ``smallbn_d2.set_norm_iteration(model, iteration)``; smallbn_d2's Detectron2 Trainer
-    does it, a plain loop calls it itself. For inference,
-    ``smallbn_d2.deploy.convert_to_frozen_bn(model)`` turns the layers into FrozenBatchNorm2d.
+    ``include_detectron2=True`` Detectron2's ``FrozenBatchNorm2d`` (which becomes trainable), that
+    the example forward (module docstring) calls once with a (N, C, H, W) input produced by an
+    ``nn.Conv2d``. Each becomes ``NORM_FAMILIES[norm].layer_class(C, affine=..., **hyperparameters)``
+    with the BN's eps (unless given; never its momentum: MABN's weights the old value, BN's the
+    new), affine (a frozen one stays frozen), device, dtype and training flag, and its population
+    statistics through ``set_population_statistics(E[x], E[x^2])`` with E[x^2] = running_var +
+    running_mean^2 in float64; it is attached to its producing conv (``attach_conv``; MABN's
+    centralization changes the conv's output for all its consumers, and the weights it changes are
+    reported once: :func:`smallbn_d2.pretrained.check_loaded_weight_centralization`). CBN's eval
+    mode computes what the BN's did; MABN's does not. Training then needs
+    ``smallbn_d2.set_norm_iteration(model, iteration)`` before every step (docs/CONVERT_NORM.md).
 
     Args:
         module: the model (modified in place; a model that is itself a BN is not converted).
         norm: ``"CBN"``, ``"NaiveCBN"`` or ``"MABN"`` (a key of ``NORM_FAMILIES``).
-        example_inputs: what the model is called with for the tracing forward: a tuple of
-            positional arguments, or one argument (a tensor, e.g. (N, 3, H, W) images; a list of
-            dicts for Detectron2 models). A small input suffices; it must reach every BN to be
-            converted.
+        example_inputs: a tuple of positional arguments of the model, or one argument (e.g. a
+            (N, 3, H, W) tensor; a list of dicts for Detectron2 models); it must reach every BN
+            to convert. The forward runs in eval mode under ``torch.no_grad()``, random state
+            restored: no statistics change.
         include_detectron2: also convert Detectron2's ``FrozenBatchNorm2d`` (imports Detectron2).
-        **hyperparameters: constructor arguments of the layer class (e.g. ``window_size=4,
-            burn_in=0`` for CBN; ``buffer_size=16, momentum=0.98`` for MABN), checked before the
-            model is touched; ``num_features`` and ``affine`` come from each BN.
+        **hyperparameters: constructor arguments of the layer class (e.g. ``window_size=4`` for
+            CBN, ``buffer_size=16`` for MABN), checked before the model is touched.
     Returns:
-        ``(module, report)``: the converted model (``module`` itself) and a
-        :class:`ConversionReport` naming every converted BN with its conv, and every BN-like
-        layer left unconverted with the reason (not reached by the example forward; called
-        several times; not after a conv, e.g. after a pooling or an addition; the conv's output
-        modified in place; for CBN, a conv call feeding several norms or a conv that ran again
-        before the norm; an unsupported conv, e.g. a padding mode CBN cannot differentiate;
-        ``track_running_stats=False``; BatchNorm1d/3d; FrozenBatchNorm2d without
-        ``include_detectron2``).
+        ``(module, report)``: ``module`` itself, and a :class:`ConversionReport` naming every
+        converted BN with its conv and every BN-like layer left as it was with the reason (the
+        reasons are listed in docs/CONVERT_NORM.md, "What is not converted").
     Raises:
         ValueError: ``norm`` is not a registered family (the message lists the allowed names), a
             hyperparameter is unknown, given for ``num_features``/``affine``, or out of its range
-            (the message names it).
+            (the message names it); ``include_detectron2`` is not a bool.
         Exception: whatever the model's forward raises for ``example_inputs`` (nothing is
             converted then).
     """
