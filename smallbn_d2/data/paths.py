@@ -1,10 +1,7 @@
 """A clear error when the files of a dataset are not there.
 
-smallbn_d2 keeps Detectron2's rule for its builtin dataset names (``coco_2017_train``,
-``coco_2017_val``, ...): they resolve under ``$DETECTRON2_DATASETS`` (default ``./datasets``,
-relative to the working directory), read once when ``detectron2.data`` is first imported. This
-module does not set that variable. The COCO 2017 sample shipped with the package has its own
-names (:func:`smallbn_d2.data.register_coco_sample`).
+Detectron2's builtin names (``coco_2017_train``, ...) resolve under ``$DETECTRON2_DATASETS``
+(default ``./datasets``), read when ``detectron2.data`` is first imported; this module does not set it.
 """
 from __future__ import annotations
 
@@ -35,16 +32,13 @@ def datasets_root() -> str:
 
 
 def check_datasets_exist(dataset_names: Iterable[str]) -> None:
-    """Check that the files of registered COCO-format datasets exist.
-
-    Args:
-        dataset_names: names registered in Detectron2's ``DatasetCatalog`` (e.g. ``cfg.DATASETS.TRAIN``).
+    """Check that the files of registered COCO-format datasets (e.g. ``cfg.DATASETS.TRAIN``) exist.
 
     Raises:
-        DatasetNotRegisteredError: (a ``KeyError``) a name is not registered (the message lists the registered COCO names, and
-            says how to register the sample for ``coco_2017_sample_*``).
-        DatasetsNotFoundError: a dataset's annotation file or image folder does not exist; the
-            message names the missing path, the datasets root in use and how to change it.
+        DatasetNotRegisteredError: (a ``KeyError``) a name is not in ``DatasetCatalog``; the message
+            lists the registered COCO names (and, for ``coco_2017_sample_*``, how to register it).
+        DatasetsNotFoundError: an annotation file or image folder does not exist; the message names
+            it, the datasets root in use and how to change it.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -53,7 +47,8 @@ def check_datasets_exist(dataset_names: Iterable[str]) -> None:
             known = sorted(n for n in DatasetCatalog.list() if n.startswith("coco"))
             hint = (" Call smallbn_d2.data.register_coco_sample() first (tools/train_net.py does)."
                     if name.startswith("coco_2017_sample") else "")
-            raise DatasetNotRegisteredError(f"Dataset {name!r} is not registered.{hint} Registered COCO datasets: {known}")
+            raise DatasetNotRegisteredError(
+                f"Dataset {name!r} is not registered.{hint} Registered COCO datasets: {known}")
         meta = MetadataCatalog.get(name)
         for attr in ("json_file", "image_root"):
             path = getattr(meta, attr, None)

@@ -1,15 +1,6 @@
-"""The COCO 2017 sample shipped with the package, as Detectron2 datasets.
-
-``smallbn_d2/data/coco_2017_sample/`` holds a few dozen real COCO 2017 images, downscaled, with
-their official instance annotations (see its README.md; made by ``tools/make_coco_sample.py``).
-:func:`register_coco_sample` registers it as
-
-* ``coco_2017_sample_train``: its ``train2017`` images;
-* ``coco_2017_sample_val``: its ``val2017`` images;
-
-found relative to this file, whatever the working directory. Detectron2's builtin names
-(``coco_2017_train``, ``coco_2017_val``, ...) are untouched: they keep meaning the COCO files
-under ``$DETECTRON2_DATASETS``.
+"""The COCO 2017 sample shipped in ``smallbn_d2/data/coco_2017_sample/`` (see its README.md), as the
+Detectron2 datasets ``coco_2017_sample_train`` / ``coco_2017_sample_val`` (its ``train2017`` /
+``val2017`` images), found relative to this file. Detectron2's builtin names are untouched.
 """
 from __future__ import annotations
 
@@ -48,11 +39,10 @@ def _builtin_coco_metadata() -> dict:
 
 
 def register_coco_sample(root: Optional[os.PathLike] = None) -> Tuple[str, ...]:
-    """Register the embedded COCO 2017 sample in Detectron2's catalogs; idempotent.
+    """Register the shipped COCO 2017 sample in Detectron2's catalogs; a second call does nothing.
 
-    Uses Detectron2's ``register_coco_instances`` (metadata ``evaluator_type`` "coco", so
-    ``COCOEvaluator`` computes box and mask AP), with the builtin COCO class names and colours.
-    A second call with the same files does nothing.
+    With Detectron2's ``register_coco_instances`` (``evaluator_type`` "coco": ``COCOEvaluator``
+    computes box and mask AP) and the builtin COCO class names and colours.
 
     Args:
         root: the sample's folder; default :data:`SAMPLE_ROOT` (the one in the package).
