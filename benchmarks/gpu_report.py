@@ -209,24 +209,19 @@ def paper_comparison(d: Dict) -> List[List[str]]:
     agg = d.get("rows") or {}
     p = PAPER_TABLE6
     rows = []
-    for norm in ("BN", "GN", "CBN"):
-        a = agg.get(norm, {})
-        rows.append([f"training iter/s, {norm}", f"{p['train_iter_s'][norm]:.1f}",
-                     _num(1 / a["train"] if a.get("train") else None, "{:.2f}")])
-    for norm in ("GN", "CBN"):
-        a = agg.get(norm, {})
-        rows.append([f"training time {norm} / BN", f"{p['train_iter_s']['BN'] / p['train_iter_s'][norm]:.2f}",
-                     _num(a.get("train_ratio"), "{:.2f}")])
-    for norm in ("BN", "GN", "CBN"):
-        a = agg.get(norm, {})
-        rows.append([f"inference img/s, {norm} (eval mode)", f"{p['infer_iter_s'][norm]:.1f}",
-                     _num(1 / a["eval"] if a.get("eval") else None, "{:.1f}")])
-    for norm in ("GN", "CBN"):
-        a = agg.get(norm, {})
-        rows.append([f"inference time {norm} / BN", f"{p['infer_iter_s']['BN'] / p['infer_iter_s'][norm]:.2f}",
-                     _num(a.get("eval_ratio"), "{:.2f}")])
-    a = agg.get("CBN", {})
-    rows.append(["memory CBN / BN", f"{p['memory']['CBN'] / p['memory']['BN']:.2f}", _num(a.get("mem_ratio"), "{:.2f}")])
+    # per phase: (speed label, its suffix, time label, paper key, seconds key, ratio key, speed format)
+    for speed, suffix, phase, paper, key, ratio, fmt in (
+            ("training iter/s", "", "training", "train_iter_s", "train", "train_ratio", "{:.2f}"),
+            ("inference img/s", " (eval mode)", "inference", "infer_iter_s", "eval", "eval_ratio", "{:.1f}")):
+        for norm in ("BN", "GN", "CBN"):
+            seconds = agg.get(norm, {}).get(key)
+            rows.append([f"{speed}, {norm}{suffix}", f"{p[paper][norm]:.1f}",
+                         _num(1 / seconds if seconds else None, fmt)])
+        for norm in ("GN", "CBN"):
+            rows.append([f"{phase} time {norm} / BN", f"{p[paper]['BN'] / p[paper][norm]:.2f}",
+                         _num(agg.get(norm, {}).get(ratio), "{:.2f}")])
+    rows.append(["memory CBN / BN", f"{p['memory']['CBN'] / p['memory']['BN']:.2f}",
+                 _num(agg.get("CBN", {}).get("mem_ratio"), "{:.2f}")])
     return rows
 
 
