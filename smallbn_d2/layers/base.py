@@ -16,6 +16,12 @@ from .hyperparameters import INT_AT_LEAST_1, POSITIVE, Range
 __all__ = ["IterationNormBase", "NormNotWiredError"]
 
 
+def _masked_write(buf: torch.Tensor, slot: int, value: torch.Tensor, ok: torch.Tensor) -> None:
+    """buf[slot] <- value where the 0-dim bool ``ok`` holds, in place, with no host synchronization."""
+    row = buf[slot]
+    torch.where(ok, value.to(buf.dtype), row, out=row)
+
+
 class NormNotWiredError(RuntimeError):
     """A CBN/MABN layer is used in training without a producing conv, an iteration or a burn-in."""
 

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import IterationNormBase, NormNotWiredError
+from .base import IterationNormBase, NormNotWiredError, _masked_write
 from .cbn_grad import check_supported_conv, stat_grads_autograd, stat_grads_closed_form
 from .conv_input import capture_conv_input, pop_conv_input, release_conv_input
 from .hyperparameters import (
@@ -166,21 +166,10 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         "grad_subsample": Range("an integer >= 1 (1 = exact d nu / d theta)", INT_AT_LEAST_1.test, int),
     }
 
-    def __init__(
-        self,
-        num_features: int,
-        window_size: int = 4,
-        burn_in: Optional[int] = 0,
-        momentum: float = 0.1,
-        eps: float = 1e-5,
-        affine: bool = True,
-        aggregation: str = "paper",
-        compensate: bool = True,
-        grad_mode: str = "closed_form",
-        grad_subsample: int = 1,
-        window_after_burn_in: str = "full",
-        compensate_bias: bool = True,
-    ):
+    def __init__(self, num_features: int, window_size: int = 4, burn_in: Optional[int] = 0, momentum: float = 0.1,
+                 eps: float = 1e-5, affine: bool = True, aggregation: str = "paper", compensate: bool = True,
+                 grad_mode: str = "closed_form", grad_subsample: int = 1, window_after_burn_in: str = "full",
+                 compensate_bias: bool = True):
         super().__init__(num_features, eps=eps, affine=affine)
         self.window_size = self._check("window_size", window_size)
         self.burn_in = self._check("burn_in", burn_in)
@@ -205,9 +194,8 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         check_supported_conv(conv)
         capture_conv_input(conv)
         if self.compensate:
-            slots, G = self.window_size - 1, conv.groups
-            like = self.running_mean
-            self.register_buffer("window_mu_grad", like.new_zeros((slots, G) + tuple(conv.weight.shape[1:])))
+            slots, like = self.window_size - 1, self.running_mean
+            self.register_buffer("window_mu_grad", like.new_zeros((slots, conv.groups) + tuple(conv.weight.shape[1:])))
             self.register_buffer("window_nu_grad", like.new_zeros((slots,) + tuple(conv.weight.shape)))
 
     def release_conv(self) -> None:
@@ -219,9 +207,8 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         """The producing conv: in training mode it captures its input for the window."""
         return [] if self.conv is None else [self.conv]
 
-    # ------------------------------------------------------------------ population statistics
     def eval_affine(self):
-        """``(running_mean, running_var, eps, gamma, beta)``: eval mode is BN (CBN item 7)."""
+        """``(running_mean, running_var, eps, gamma, beta)``: eval mode is BN (METHODS.md CBN 7)."""
         return self.running_mean, self.running_var, self.eps, self.weight, self.bias
 
     def statistics_from_moments(self, mean, sq_mean):
@@ -285,7 +272,6 @@ class CrossIterationBatchNorm2d(IterationNormBase):
             return self.burn_in - (self.window_size - 1)
         return self.burn_in
 
-    # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize ``x`` of shape (N, C, H, W); returns the same shape and dtype."""
         if x.dim() != 4 or x.shape[1] != self.num_features:
@@ -423,19 +409,14 @@ class CrossIterationBatchNorm2d(IterationNormBase):
             # A NaN/Inf anywhere in the gradients makes mu0 / nu0 non-finite (Inf * 0 = NaN), so
             # checking the (C,) results checks the gradients without another pass over them.
             finite = finite & torch.isfinite(mu0).all() & torch.isfinite(nu0).all()
-            self._write(self.window_mu_grad, slot, grads.mu_weight, finite)
-            self._write(self.window_nu_grad, slot, grads.nu_weight, finite)
+            _masked_write(self.window_mu_grad, slot, grads.mu_weight, finite)
+            _masked_write(self.window_nu_grad, slot, grads.nu_weight, finite)
         else:
             mu0, nu0 = mu_t, nu_t
-        self._write(self.window_mu, slot, mu_t, finite)
-        self._write(self.window_mu0, slot, mu0, finite)
-        self._write(self.window_nu0, slot, nu0, finite)
+        _masked_write(self.window_mu, slot, mu_t, finite)
+        _masked_write(self.window_mu0, slot, mu0, finite)
+        _masked_write(self.window_nu0, slot, nu0, finite)
         self.window_iters[slot : slot + 1].masked_fill_(finite, t)  # no host-to-device copy
-
-    @staticmethod
-    def _write(buf: torch.Tensor, slot: int, value: torch.Tensor, ok: torch.Tensor) -> None:
-        row = buf[slot]
-        torch.where(ok, value.to(buf.dtype), row, out=row)  # in place, no host synchronization
 
 
 class NaiveCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):

@@ -1,18 +1,17 @@
 """Moving Average Batch Normalization (MABN).
 
 Source: Yan, Wan, Zhang, Zhang, Wei, Sun, "Towards Stabilizing Batch Statistics in Backward
-Propagation of Batch Normalization", ICLR 2020: Sec. 4.1 (SMAS / EMAS replace the batch
-statistics), Sec. 4.2 (normalization without centering, weight centralization, clipping and
-renormalizing, and the final "All in all" MABN formulation); warm-up schedule from the authors'
-released code. Specification: ``docs/METHODS.md``, section "MABN", items 1-6.
+Propagation of Batch Normalization", ICLR 2020, Sec. 4.1-4.2; warm-up schedule from the authors'
+released code. Specification: docs/METHODS.md, MABN 1-6.
 """
 from __future__ import annotations
 
 import contextlib
+
 import torch
 from torch import nn
 
-from .base import IterationNormBase
+from .base import IterationNormBase, _masked_write
 from .hyperparameters import FINITE_AT_LEAST_1, INT_AT_LEAST_0, INT_AT_LEAST_1, UNIT_INTERVAL
 from .weight_centralization import centralize_conv_weight
 
@@ -21,7 +20,6 @@ __all__ = ["MovingAverageBatchNorm2d"]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-# ---------------------------------------------------------------------------------- helpers
 def _compute_dtype(x_dtype: torch.dtype, state_dtype: torch.dtype) -> torch.dtype:
     """float32 for half/bf16/float32 inputs, float64 for float64 inputs (or float64 state)."""
     if x_dtype not in _FLOAT_DTYPES:
@@ -41,9 +39,15 @@ def _no_autocast(device_type: str):
 def _write_slot(values: torch.Tensor, tags: torch.Tensor, slot: int, t: int,
                 new: torch.Tensor, ok: torch.Tensor) -> None:
     """values[slot] <- new and tags[slot] <- t, only where ``ok`` (0-dim bool) holds; no host sync."""
-    row = values[slot]
-    torch.where(ok, new.to(values.dtype), row, out=row)
+    _masked_write(values, slot, new, ok)
     tags[slot : slot + 1].masked_fill_(ok, t)
+
+
+def _scale_shift(x: torch.Tensor, scale: torch.Tensor, bias, dtype: torch.dtype) -> torch.Tensor:
+    """x * scale + bias with (C,) ``scale`` and ``bias`` (None: no shift) computed in ``dtype``; x's dtype out."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = x * scale.view(shape) if bias is None else torch.addcmul(bias.to(dtype).view(shape), x, scale.view(shape))
+    return y.to(x.dtype)
 
 
 def _sma(values: torch.Tensor, tags: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
@@ -55,19 +59,16 @@ def _sma(values: torch.Tensor, tags: torch.Tensor, t: int, dtype: torch.dtype) -
 
 
 class _MABNFunction(torch.autograd.Function):
-    """Training-mode MABN with its custom backward (METHODS.md MABN items 3-5).
+    """Training-mode MABN with its custom backward (METHODS.md MABN 3-5).
 
-    forward(x (N, C, *), weight (C,) or None, bias (C,) or None, layer, t, use_sma, use_renorm)
-    -> y, same shape and dtype as x. Updates ``layer``'s chi2 buffers and ``running_chi2``;
-    backward updates the psi buffers. Statistics are computed in ``dtype`` (float32 or
-    float64).
+    forward(x (N, C, *), weight, bias (C,) or None, layer, t, use_sma, use_renorm) -> y, x's shape
+    and dtype; updates ``layer``'s chi2 buffers and ``running_chi2``, the backward its psi buffers.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer, t, use_sma, use_renorm):
         dtype = _compute_dtype(x.dtype, layer.running_chi2.dtype)
         dims = (0,) + tuple(range(2, x.dim()))
-        shape = (1, -1) + (1,) * (x.dim() - 2)
         count = x.numel() // x.shape[1]
         eps = layer.eps
 
@@ -91,10 +92,7 @@ class _MABNFunction(torch.autograd.Function):
 
         scale = inv_std if r is None else inv_std * r  # r * / sqrt(chi2 + eps)
         gscale = scale if weight is None else scale * weight.to(dtype)  # gamma * r / sqrt(.)
-        if bias is None:
-            y = x * gscale.view(shape)
-        else:
-            y = torch.addcmul(bias.to(dtype).view(shape), x, gscale.view(shape))
+        y = _scale_shift(x, gscale, bias, dtype)
 
         ctx.save_for_backward(x, weight, inv_std, scale, gscale)
         ctx.layer = layer
@@ -102,7 +100,7 @@ class _MABNFunction(torch.autograd.Function):
         ctx.use_sma = use_sma
         ctx.dtype = dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -146,79 +144,47 @@ class _MABNFunction(torch.autograd.Function):
 class MovingAverageBatchNorm2d(IterationNormBase):
     """Moving Average Batch Normalization (Yan et al., ICLR 2020, Sec. 4; METHODS.md MABN 1-6).
 
-    Input x: (N, C, H, W) (any (N, C, *) works); output: same shape and dtype. Per channel, with
-    t = the trainer iteration (0-based, from :meth:`set_iteration`, never from counting calls)
-    and m = ``buffer_size``:
+    Input x: (N, C, H, W) (any (N, C, *) works); output: x's shape and dtype. With t the trainer
+    iteration (0-based; METHODS.md counts from 1) and m = ``buffer_size``, per channel:
 
-    Training (METHODS.md items 1, 3, 4, 5):
-        chi2_t   = E[x^2] over (N, H, W), written to slot t % m of ``chi2_buffer`` (tag t);
-        chi2     = chi2_t while t < m or t < warmup_iters - 1 (the released code's warm-up,
-                   which counts iterations from 1), else the simple moving average (SMA) of the
-                   buffer entries tagged in (t - m, t];
-        z        = x / sqrt(chi2 + eps);
-        r        = 1 while t < max(renorm_warmup_iters, warmup_iters), else
-                   clip(sqrt(chi2 + eps) / sqrt(running_chi2 + eps), 1/r_max, r_max), with
-                   running_chi2 taken before this iteration's update; r is a constant;
-        y        = gamma * r * z + beta;
-        running_chi2 <- momentum * running_chi2 + (1 - momentum) * chi2.
-        Backward (custom autograd.Function): g = dL/dy * gamma * r; psi_t = mean(g * z) over
-        (N, H, W), written to slot t % m of ``psi_buffer`` (tag t, the forward's t); psi = psi_t
-        during the same warm-up, else the SMA of the valid psi entries;
-        dL/dx = (g - z * psi) / sqrt(chi2 + eps); dL/dgamma = sum(dL/dy * r * z);
-        dL/dbeta = sum(dL/dy).
-    Inference (item 6): y = gamma * x / sqrt(running_chi2 + eps) + beta; linear, no state
-        change, no iteration needed.
+    * training: y = gamma * r * z + beta, z = x / sqrt(chi2 + eps), chi2 the simple moving average
+      (SMA) of E[x^2] over the iterations (t - m, t] and r the clipped renormalization, a constant
+      (MABN 3); the backward uses the SMA of psi = mean(dL/dy * gamma * r * z) (MABN 4). Warm-up,
+      by the released code's rules (MABN 5): the batch's chi2_t, psi_t replace the SMAs while
+      t < m or t < warmup_iters - 1; r = 1 while t < max(renorm_warmup_iters, warmup_iters).
+    * ``running_chi2 <- momentum * running_chi2 + (1 - momentum) * chi2``: ``momentum`` weighs the
+      OLD value (the paper's convention, unlike ``nn.BatchNorm2d``); r uses it from before.
+    * inference: y = gamma * x / sqrt(running_chi2 + eps) + beta (MABN 6), no iteration needed.
 
-    The conv producing x must be attached (:meth:`attach_conv`): attaching applies weight
-    centralization to it (item 2, :func:`centralize_conv_weight`). Training itself does not
-    require the conv.
-
-    Semantics worth knowing:
-
-    * ``momentum`` is the weight of the OLD value (the paper's EMAS convention, 0.98 published),
-      unlike ``nn.BatchNorm2d.momentum`` (0.1 = weight of the new value).
-    * Buffer entries carry the t that wrote them, so an entry counts only for t in (tag, tag + m).
-      A layer skipped in an iteration (e.g. 0 RoIs) averages fewer entries; a layer called twice
-      in one iteration overwrites that iteration's slot (the last forward / the last backward to
-      run wins), and ``running_chi2`` is updated once per call. Entries tagged after t (a run
-      restarted at an earlier iteration) are ignored. All of this lives in buffers that are part
-      of ``state_dict``, so resuming is exact.
-    * Non-finite input: the output (and gradient) may be NaN/Inf, but NaN/Inf never enters a
-      buffer: every write is masked on device (``torch.where(isfinite(new).all(), new, old)``,
-      no host sync), and a non-finite chi2_t also freezes ``running_chi2`` for that call.
-    * Empty input (N*H*W == 0): returns ``x * gamma + beta`` (empty, still in the graph, so
-      gamma/beta get zero gradients, not None); nothing is updated.
-    * dtypes: buffers are float32 (they follow ``module.to(dtype)``, e.g. float64 after
-      ``.double()``). Half/bf16 inputs (autocast) are processed in float32 (statistics, buffers,
-      backward) and the output has the input's dtype; float64 inputs are processed in float64
-      (buffer writes are rounded to the buffers' dtype, so call ``.double()`` for a fully
-      float64 layer).
-    * Gradient checkpointing re-runs the forward: the slot write is idempotent but
-      ``running_chi2`` is updated again.
+    Attaching the producing conv (:meth:`attach_conv`) centralizes its weight (MABN 2); training
+    itself does not need the conv. Buffer entries carry the iteration that wrote them: a layer
+    skipped in an iteration averages fewer; one called twice in an iteration overwrites its slot
+    (the last forward / backward wins) and updates ``running_chi2`` per call (as does the re-run
+    of gradient checkpointing); entries tagged after t (a run restarted earlier) are ignored.
+    All of it is in ``state_dict``, so resuming is exact. Empty input returns ``gamma * x + beta``
+    (zero gradients for gamma, beta) and updates nothing; non-finite values never enter a buffer
+    (docs/RELIABILITY.md, section 3). Half/bf16 input is processed in float32, float64 in float64
+    (written to float32 buffers unless the layer is ``.double()``).
 
     Args:
         num_features: C >= 1.
-        buffer_size: m, the SMA window in iterations, integer >= 1 (published: 16; 32 with
-            normalized heads on COCO).
-        momentum: EMA weight of the old ``running_chi2``, in (0, 1] (published 0.98).
+        buffer_size: m >= 1, the SMA window in iterations (published: 16; 32 with normalized
+            heads on COCO).
+        momentum: in (0, 1], EMA weight of the old ``running_chi2`` (published 0.98).
         eps: > 0, added to chi2 inside the square root.
-        warmup_iters: integer >= 0: the current batch statistics are used while
-            t < warmup_iters - 1 (and during the first m iterations), r = 1 while t < warmup_iters.
-        renorm_warmup_iters: integer >= 0; r = 1 while t < max(renorm_warmup_iters,
-            warmup_iters) (released code: 1000).
-        r_max: clip bound of r, finite number >= 1 (released code: 5).
+        warmup_iters: >= 0, iterations of batch statistics and r = 1 (see above).
+        renorm_warmup_iters: >= 0, iterations with r = 1 (released code: 1000).
+        r_max: finite, >= 1, the clip bound of r (released code: 5).
         affine: learn gamma (``weight``) and beta (``bias``), shape (C,).
 
-    Buffers (all in ``state_dict``): ``chi2_buffer`` (m, C) and ``psi_buffer`` (m, C) float32,
-    zeros; ``chi2_iters`` (m,) and ``psi_iters`` (m,) int64, -1 (the iteration t that wrote each slot);
-    ``running_chi2`` (C,) float32, ones (the EMA population statistic chi2_ema).
+    Buffers: ``chi2_buffer``, ``psi_buffer`` (m, C) float32 zeros; ``chi2_iters``, ``psi_iters``
+    (m,) int64, -1 (the iteration that wrote each slot); ``running_chi2`` (C,) float32 ones.
 
     Raises:
-        ValueError (constructor): an argument out of its range; the message
-            names the argument, the value and the allowed range.
-        NormNotWiredError (forward): training without a trainer iteration (:meth:`set_iteration`).
-        ValueError (forward): input with fewer than 2 dims or a channel count != C.
-        TypeError (forward): non-floating-point input.
+        ValueError: an argument out of range (the message names it, the value and the range); an
+            input with fewer than 2 dims or a channel count other than C.
+        TypeError: a non-floating-point input.
+        NormNotWiredError: training without a trainer iteration (:meth:`set_iteration`).
     """
 
     HYPERPARAMETERS = {
@@ -246,10 +212,9 @@ class MovingAverageBatchNorm2d(IterationNormBase):
         self.register_buffer("psi_iters", torch.full((m,), -1, dtype=torch.int64))
 
     def _conv_attached(self, conv: nn.Conv2d) -> None:
-        """Apply weight centralization to the producing conv (METHODS.md MABN item 2)."""
+        """Apply weight centralization to the producing conv (METHODS.md MABN 2)."""
         centralize_conv_weight(conv)
 
-    # ------------------------------------------------------------------ population statistics
     def eval_affine(self):
         """``(0, running_chi2, eps, gamma, beta)``: inference is y = gamma * x / sqrt(chi2 + eps) + beta."""
         chi2 = self.running_chi2
@@ -280,14 +245,11 @@ class MovingAverageBatchNorm2d(IterationNormBase):
                     "to resume it, or delete its chi2_*/psi_* entries to start the moving averages afresh")
         return None
 
-    # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalize x of shape (N, C, *); see the class docstring. Returns x's shape and dtype."""
+        """Normalize x of shape (N, C, *) (see the class docstring); returns x's shape and dtype."""
         if x.dim() < 2 or x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) got input of shape {tuple(x.shape)}; "
-                f"allowed: (N, {self.num_features}, ...)"
-            )
+            raise ValueError(f"{type(self).__name__}({self.num_features}) got input of shape {tuple(x.shape)}; "
+                             f"allowed: (N, {self.num_features}, ...)")
         if not self.training:
             return self._inference(x)
         t = self._require_iteration()
@@ -302,21 +264,14 @@ class MovingAverageBatchNorm2d(IterationNormBase):
             return _MABNFunction.apply(x, self.weight, self.bias, self, t, use_sma, use_renorm)
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
         dtype = _compute_dtype(x.dtype, self.running_chi2.dtype)
         with _no_autocast(x.device.type):
             scale = torch.rsqrt(self.running_chi2.to(dtype) + self.eps)
             if self.weight is not None:
                 scale = scale * self.weight.to(dtype)
-            if self.bias is None:
-                y = x * scale.view(shape)
-            else:
-                y = torch.addcmul(self.bias.to(dtype).view(shape), x, scale.view(shape))
-            return y.to(x.dtype)
+            return _scale_shift(x, scale, self.bias, dtype)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, buffer_size={self.buffer_size}, momentum={self.momentum}, eps={self.eps}, "
-            f"warmup_iters={self.warmup_iters}, renorm_warmup_iters={self.renorm_warmup_iters}, "
-            f"r_max={self.r_max}, affine={self.affine}"
-        )
+        return (f"{self.num_features}, buffer_size={self.buffer_size}, momentum={self.momentum}, eps={self.eps}, "
+                f"warmup_iters={self.warmup_iters}, renorm_warmup_iters={self.renorm_warmup_iters}, "
+                f"r_max={self.r_max}, affine={self.affine}")

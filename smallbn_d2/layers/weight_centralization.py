@@ -1,32 +1,14 @@
-"""Weight centralization (WC) of the conv that feeds an MABN layer.
+"""Weight centralization (WC) of the conv that feeds an MABN layer (MABN paper, Yan et al., ICLR
+2020, Sec. 4.2; docs/METHODS.md MABN 2): theta[c] <- theta[c] - mean(theta[c]) per output channel,
+applied in the conv's forward by ``torch.nn.utils.parametrize``. ``conv.weight`` then *is* the
+centralized weight wherever it is read; the trained parameter stays unconstrained at
+``conv.parametrizations.weight.original`` (the former ``conv.weight`` object, so an optimizer built
+earlier keeps working), saved and loaded under the plain key ``prefix + "weight"`` (state-dict hooks),
+so Detectron2 checkpoints and non-centralized ImageNet weights load with ``strict=True``.
 
-Source: Yan et al., "Towards Stabilizing Batch Statistics in Backward Propagation of Batch
-Normalization" (MABN), ICLR 2020, Sec. 4.2 "Centralizing weights of convolution kernel";
-``docs/METHODS.md``, MABN item 2. For every output channel c of a conv with weight theta of
-shape (C_out, C_in / groups, kh, kw)::
-
-    theta[c] <- theta[c] - mean(theta[c])        (mean over C_in / groups, kh, kw)
-
-applied in the conv's forward: the trained parameter stays unconstrained, the conv always *uses*
-its centralized value.
-
-Implementation: ``torch.nn.utils.parametrize``. After :func:`centralize_conv_weight`,
-``conv.weight`` *is* the centralized weight wherever it is read (Detectron2's ``Conv2d.forward``,
-export, BN folding); the trained parameter lives at ``conv.parametrizations.weight.original``
-(the same ``nn.Parameter`` object that was ``conv.weight`` before, so an optimizer built earlier
-keeps working). Two hooks keep the *state-dict keys* those of a plain conv:
-
-* saving: ``prefix + "parametrizations.weight.original"`` is renamed ``prefix + "weight"``; the
-  saved tensor is the raw (un-centralized) parameter, so a checkpoint round-trips exactly;
-* loading: ``prefix + "weight"`` is renamed back, so Detectron2 checkpoints and non-centralized
-  ImageNet weights load with ``strict=True`` and are centralized in use.
-
-Caveat: in-place initialization of ``conv.weight`` (e.g. ``nn.init.kaiming_normal_(conv.weight)``)
-*after* centralization writes into a temporary and is lost; initialize before centralizing, or
-initialize ``conv.parametrizations.weight.original``. Assigning ``conv.weight = tensor`` stores
-the tensor as the raw parameter (``right_inverse`` is the identity), so reading ``conv.weight``
-returns its centralized value. Whole-module pickling (``torch.save(model)``) of parametrized
-modules is not supported by PyTorch; use ``state_dict()`` (as Detectron2 does).
+Caveats: initializing ``conv.weight`` in place after centralizing writes into a temporary and is
+lost (initialize ``conv.parametrizations.weight.original``); assigning ``conv.weight = w`` stores w
+as the raw parameter; PyTorch cannot pickle whole parametrized modules (use ``state_dict()``).
 """
 from __future__ import annotations
 
@@ -40,14 +22,8 @@ from torch.nn.utils import parametrize
 
 from ..compat import register_state_dict_hook
 
-__all__ = [
-    "WeightCentralization",
-    "CentralizedConv",
-    "centralization_report",
-    "centralize_conv_weight",
-    "is_weight_centralized",
-    "remove_weight_centralization",
-]
+__all__ = ["WeightCentralization", "CentralizedConv", "centralization_report", "centralize_conv_weight",
+           "is_weight_centralized", "remove_weight_centralization"]
 
 _ORIGINAL = "parametrizations.weight.original"
 _PLAIN = "weight"
@@ -56,13 +32,9 @@ _PLAIN = "weight"
 class WeightCentralization(nn.Module):
     """Parametrization ``w -> w - mean(w[c])`` per output channel (MABN Sec. 4.2; METHODS.md MABN 2).
 
-    ``forward(w)``: ``w`` of shape (C_out, C_in / groups, kh, kw) (any tensor with ndim >= 2
-    works: the mean is taken over all dimensions but the first); returns a tensor of the same
-    shape and dtype whose every ``[c]`` slice has zero mean.
-
-    ``right_inverse(w)`` is the identity: assigning ``conv.weight = w`` stores ``w`` as the raw
-    parameter (centralization is a projection, so any raw value is a valid preimage of its
-    centralized value).
+    ``forward(w)``: w of shape (C_out, C_in / groups, kh, kw) (any ndim >= 2: the mean is over all
+    dimensions but the first) -> the same shape and dtype, every ``[c]`` slice with zero mean.
+    ``right_inverse`` is the identity: centralization is a projection, any raw value a preimage.
 
     Raises:
         ValueError: ``w`` has fewer than 2 dimensions.
@@ -112,11 +84,7 @@ def _remove_hooks(conv: nn.Module) -> None:
 
 
 def is_weight_centralized(conv: nn.Module) -> bool:
-    """True if ``conv.weight`` is parametrized by :class:`WeightCentralization` (METHODS.md MABN 2).
-
-    Args:
-        conv: any ``nn.Module``. Raises nothing.
-    """
+    """True if the ``nn.Module`` ``conv`` has its weight parametrized by :class:`WeightCentralization`."""
     if not parametrize.is_parametrized(conv, "weight"):
         return False
     return any(isinstance(p, WeightCentralization) for p in conv.parametrizations.weight)
@@ -125,14 +93,12 @@ def is_weight_centralized(conv: nn.Module) -> bool:
 def centralize_conv_weight(conv: nn.Conv2d) -> nn.Conv2d:
     """Make ``conv`` use its weight centralized per output channel (MABN Sec. 4.2; METHODS.md MABN 2).
 
-    In place and idempotent (a second call does nothing). ``conv.weight`` then returns the
-    centralized (C_out, C_in / groups, kh, kw) tensor; the trained parameter is
-    ``conv.parametrizations.weight.original`` (the former ``conv.weight`` object); state-dict
-    keys stay ``prefix + "weight"`` (see the module docstring).
+    In place and idempotent. ``conv.weight`` then returns the centralized (C_out, C_in / groups,
+    kh, kw) tensor; state-dict keys stay those of a plain conv (see the module docstring).
 
     Args:
-        conv: an ``nn.Conv2d`` (Detectron2's ``Conv2d`` included); other ``nn.Module`` with a
-            ``weight`` parameter of ndim >= 2 work too.
+        conv: an ``nn.Conv2d`` (Detectron2's included) or any module with a ``weight`` parameter
+            of ndim >= 2.
     Returns:
         ``conv`` (whose class becomes PyTorch's ``Parametrized<Class>`` subclass).
     Raises:
@@ -161,14 +127,10 @@ def remove_weight_centralization(conv: nn.Module, bake: bool = True) -> nn.Modul
     """Undo :func:`centralize_conv_weight` in place; a no-op on a non-centralized module.
 
     Args:
-        conv: the module.
-        bake: True: the centralized values become the plain ``conv.weight`` parameter (use this
-            before exporting or folding, the result computes the same function); False: the raw,
-            un-centralized parameter becomes ``conv.weight`` again.
+        bake: True: the centralized values become the plain ``conv.weight`` parameter (before
+            exporting or folding: the same function); False: the raw parameter becomes it again.
     Returns:
         ``conv`` (its original class restored), without the key-renaming hooks.
-    Raises:
-        Nothing beyond what ``torch.nn.utils.parametrize.remove_parametrizations`` raises.
     """
     if not is_weight_centralized(conv):
         return conv
@@ -191,15 +153,12 @@ class CentralizedConv:
     Attributes:
         name: qualified module name of the conv in the model.
         shape: shape of its weight, (C_out, C_in / groups, kh, kw).
-        relative_norm: ||W - center(W)||_F / ||W||_F for the stored (raw) weight W, i.e. the
-            norm of the removed per-output-channel means relative to the weight's norm; 0 for a
-            zero weight. 0 means the conv computes the same function centralized or not.
-        random_level: 1 / sqrt(D), D = C_in / groups * kh * kw: the expected value of
-            ``relative_norm`` for i.i.d. zero-mean weights (a fresh initialization, and the raw
-            weights of a conv trained with centralization from one, whose per-channel means no
-            gradient changes). A ``relative_norm`` well above it means the weights have
-            per-channel means that training gave them, i.e. they were trained without
-            centralization.
+        relative_norm: ||W - center(W)||_F / ||W||_F for the raw weight W: the norm of the removed
+            per-output-channel means relative to W's (0 for a zero weight, or when centralizing
+            changes nothing).
+        random_level: 1 / sqrt(D), D = C_in / groups * kh * kw: ``relative_norm``'s expected value
+            for i.i.d. zero-mean weights (a fresh initialization, or one trained centralized,
+            whose means no gradient changes); far above it, W was trained without centralization.
     """
 
     name: str
@@ -210,22 +169,11 @@ class CentralizedConv:
 
 @torch.no_grad()
 def centralization_report(model: nn.Module) -> List[CentralizedConv]:
-    """For every weight-centralized module of ``model``, the relative norm of what centralization
-    removes from its stored weight (MABN Sec. 4.2; METHODS.md MABN 2).
+    """One :class:`CentralizedConv` per weight-centralized module of ``model``, in
+    ``named_modules`` order: how much centralization removes from its raw weight (METHODS.md MABN 2).
 
-    Per conv with raw weight W = ``conv.parametrizations.weight.original`` of shape
-    (C_out, C_in / groups, kh, kw) and D = C_in / groups * kh * kw, in float64:
-    ``relative_norm = sqrt(D * sum_c mean(W[c])^2) / ||W||_F`` (the Frobenius norm of the removed
-    per-channel means, broadcast over the kernel, relative to W's). A pure function: reads the
-    weights, changes nothing, logs nothing.
-
-    Args:
-        model: any ``nn.Module``.
-    Returns:
-        one :class:`CentralizedConv` per centralized module, in ``named_modules`` order (empty if
-        none is centralized).
-    Raises:
-        nothing.
+    For raw weight W (C_out, C_in / groups, kh, kw), D = C_in / groups * kh * kw, in float64:
+    ``relative_norm = sqrt(D * sum_c mean(W[c])^2) / ||W||_F``. Reads the weights, changes nothing.
     """
     report = []
     for name, module in model.named_modules():
@@ -236,10 +184,6 @@ def centralization_report(model: nn.Module) -> List[CentralizedConv]:
         flat = w.reshape(w.shape[0], -1)
         removed = math.sqrt(d * float(flat.mean(dim=1).square().sum())) if d else 0.0
         total = float(torch.linalg.vector_norm(flat))
-        report.append(CentralizedConv(
-            name=name,
-            shape=tuple(w.shape),
-            relative_norm=removed / total if total > 0 else 0.0,
-            random_level=1.0 / math.sqrt(d) if d else 0.0,
-        ))
+        report.append(CentralizedConv(name, tuple(w.shape), relative_norm=removed / total if total > 0 else 0.0,
+                                      random_level=1.0 / math.sqrt(d) if d else 0.0))
     return report
