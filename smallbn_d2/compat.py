@@ -25,9 +25,8 @@ except ImportError:  # a Detectron2 installed otherwise: no stub, so nothing rai
 
 
 def has_compiled_ops() -> bool:
-    """True if ``detectron2._C`` is a compiled extension; False if it is the start-up module's stub
-    (marker ``__smallbn_stub__``; then ``COCOEvaluator`` uses pycocotools' COCOeval, same AP) or
-    cannot be imported. Imports ``detectron2``; raises nothing else."""
+    """True if ``detectron2._C`` is compiled; False if it is the start-up module's stub (marker
+    ``__smallbn_stub__``; ``COCOEvaluator`` then uses pycocotools, same AP) or cannot be imported."""
     try:
         import detectron2._C as ext
     except ImportError:
@@ -50,8 +49,8 @@ def get_norm_channels(norm: str, out_channels: int) -> int:
 # ----------------------------------------------------------------------------- private names
 # Nothing below imports Detectron2 at import time.
 def inner_trainer(trainer: Any) -> Any:
-    """The ``SimpleTrainer``/``AMPTrainer`` a ``DefaultTrainer`` runs the steps with (private
-    ``_trainer``). Raises AttributeError if there is none. Checked: Detectron2 v0.6, main 02b5c4e2."""
+    """The ``SimpleTrainer``/``AMPTrainer`` a ``DefaultTrainer`` runs the steps with (private ``_trainer``;
+    AttributeError if none). Checked: Detectron2 v0.6, main 02b5c4e2."""
     return trainer._trainer
 
 
@@ -62,9 +61,9 @@ def registered_hooks(trainer: Any) -> List[Any]:
 
 
 def load_model_from_checkpoint(checkpointer: Any, checkpoint: Dict[str, Any]) -> Any:
-    """Detectron2's own ``DetectionCheckpointer._load_model(checkpoint)``: loads ``checkpoint["model"]``
-    non-strictly (model-zoo name matching included); returns fvcore's ``_IncompatibleKeys``. For a
-    subclass that overrides ``_load_model``. Checked: Detectron2 v0.6, main 02b5c4e2 (same signature)."""
+    """Detectron2's own ``DetectionCheckpointer._load_model(checkpoint)`` (non-strict, model-zoo name
+    matching; returns fvcore's ``_IncompatibleKeys``), for a subclass that overrides it. Checked:
+    Detectron2 v0.6, main 02b5c4e2."""
     from detectron2.checkpoint import DetectionCheckpointer
 
     return DetectionCheckpointer._load_model(checkpointer, checkpoint)
@@ -95,9 +94,8 @@ def set_local_process_group(group: Any) -> None:
 
 
 def gradient_clipping_optimizer_class(optimizer_type: type, global_clipper: Callable) -> type:
-    """Detectron2's private ``_generate_optimizer_class_with_gradient_clipping``: a subclass of
-    ``optimizer_type`` whose ``step`` first calls ``global_clipper(all parameters)``. Checked:
-    Detectron2 v0.6, main 02b5c4e2."""
+    """Detectron2's private ``_generate_optimizer_class_with_gradient_clipping``: ``optimizer_type`` whose
+    ``step`` first calls ``global_clipper(all parameters)``. Checked: Detectron2 v0.6, main 02b5c4e2."""
     from detectron2.solver.build import _generate_optimizer_class_with_gradient_clipping
 
     return _generate_optimizer_class_with_gradient_clipping(optimizer_type, global_clipper=global_clipper)
@@ -127,8 +125,8 @@ def retinanet_head_levels(head: Any) -> int:
 
 
 def torch_batch_norm_base() -> type:
-    """torch's private base class of every BatchNorm, ``torch.nn.modules.batchnorm._BatchNorm``
-    (Detectron2's BatchNorm2d and NaiveSyncBatchNorm included). Checked: torch 2.13."""
+    """torch's private ``torch.nn.modules.batchnorm._BatchNorm``, base class of every BatchNorm
+    (Detectron2's included). Checked: torch 2.13."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
     return _BatchNorm
