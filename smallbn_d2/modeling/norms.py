@@ -1,21 +1,17 @@
 """Norm names for Detectron2's ``get_norm``: smallbn_d2's families next to Detectron2's own names.
 
-The one mechanism by which smallbn_d2 extends Detectron2: Detectron2 builds every norm through
-``detectron2.layers.get_norm``, whose table of names is a literal inside the function, and each
-model module holds its own reference to it, so :func:`install` replaces the *code* of
-``detectron2.layers.batch_norm.get_norm`` with a call to :func:`get_norm`. It serves the names of
-:data:`~smallbn_d2.families.NORM_FAMILIES` and hands every other name to an unchanged copy of
-Detectron2's function, whatever names the installed version accepts (v0.6's, main's "LN"). Layers
-are built with the hyperparameters in force (:func:`norm_hyperparameters`); what depends on where a
-layer sits is decided after the build (:func:`place_norms`). See docs/ARCHITECTURE.md ("One
-extension point", "Layers built configured") and docs/NORM_PARITY.md.
+The one extension of Detectron2: its ``get_norm`` keeps its table of names inside the function and
+each model module holds its own reference to it, so :func:`install` replaces the function's *code*
+with a call to :func:`get_norm`, which builds the families' layers with the hyperparameters in force
+(:func:`norm_hyperparameters`) and hands every other name to Detectron2's unchanged function.
+:func:`place_norms` decides after the build what depends on where a layer sits. See
+docs/ARCHITECTURE.md ("One extension point", "Layers built configured") and docs/NORM_PARITY.md.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import functools
-import logging
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
@@ -27,8 +23,6 @@ from ..layers import IterationNormBase
 __all__ = ["supported_norms", "detectron2_norm_names", "DETECTRON2_NORM_NAMES", "get_norm", "register_norm", "install",
            "norm_hyperparameters", "head_types", "place_norms", "retinanet_heads", "per_level_retinanet_norms",
            "frozen_convertible_norms", "cuda_only_norms"]
-
-logger = logging.getLogger(__name__)
 
 _d2_get_norm: Optional[Callable] = None  # an unchanged copy of Detectron2's function, set by install()
 
@@ -94,10 +88,8 @@ def norm_hyperparameters(source: Union[Mapping[str, Any], Any, None],
     """Build smallbn_d2's layers with these hyperparameters while the ``with`` block runs.
 
     Args:
-        source: a ``CfgNode`` with smallbn_d2's keys (validated here; head arguments from
-            ``MODEL.MABN.HEAD_WARMUP_ITERS``), or ``{family name: {constructor argument: value}}``
-            as a LazyConfig gives it (e.g. ``{"CBN": {"window_size": 8}}``; other families get
-            their defaults), or None (every layer with its defaults).
+        source: a ``CfgNode`` with smallbn_d2's keys (validated here), or, as a LazyConfig gives it,
+            ``{family name: {constructor argument: value}}`` (other families: defaults), or None.
         head: with a mapping ``source``: the arguments that differ inside the heads, merged over
             ``source`` (a LazyConfig's ``smallbn.head_norms``); applied by :func:`place_norms`.
     Raises:
@@ -198,9 +190,8 @@ def get_norm(norm: Union[str, Callable, None], out_channels: int):
             ``(out_channels) -> nn.Module``.
         out_channels: C of the (N, C, H, W) tensor to normalize.
     Returns:
-        ``nn.Module`` or None. A family's layer is built with the hyperparameters in force
-        (:func:`norm_hyperparameters`). Other names go to Detectron2's unchanged function (with
-        :func:`smallbn_d2.compat.get_norm_channels`).
+        ``nn.Module`` or None; a family's layer built with the hyperparameters in force. Other
+        names go to Detectron2's function (:func:`smallbn_d2.compat.get_norm_channels`).
     Raises:
         KeyError: unknown name; the message lists every accepted name.
         ValueError: an invalid hyperparameter in force (raised by the layer's constructor).

@@ -1,23 +1,15 @@
 """BN's treatment by Detectron2, given to CBN / NaiveCBN / MABN: optimizer hyperparameters, frozen stages.
 
 Detectron2 recognizes norms by fixed tuples of classes in two places that decide how a detector
-trains; neither can know smallbn_d2's layers (docs/NORM_PARITY.md, its second and third rows):
-
-* ``detectron2.solver.build.get_default_optimizer_params`` (``SOLVER.WEIGHT_DECAY_NORM``; used by
-  ``build_optimizer``, so ``DefaultTrainer``, and by the LazyConfig zoo's ``common/optim.py``):
-  Detectron2's unchanged function runs on :func:`bn_view` of the model, so every rule of the
-  installed version applies to a CBN/MABN parameter exactly as to a BN parameter at that place.
-* ``FrozenBatchNorm2d.convert_frozen_batchnorm`` (``CNNBlockBase.freeze``, ``MODEL.BACKBONE.FREEZE_AT``):
-  a layer becomes a ``FrozenBatchNorm2d`` with its eval-mode affine, as BN does.
-
-:func:`install` redirects both by :func:`redirect_function`, the mechanism of the ``get_norm``
-extension (:mod:`smallbn_d2.modeling.norms`): the *code* of Detectron2's function is replaced, so
-every reference to it behaves the same and it keeps Detectron2's name, module, docstring and signature.
+trains (docs/NORM_PARITY.md): ``detectron2.solver.build.get_default_optimizer_params``
+(``SOLVER.WEIGHT_DECAY_NORM``; ``build_optimizer``, the LazyConfig zoo's ``common/optim.py``) and
+``FrozenBatchNorm2d.convert_frozen_batchnorm`` (``CNNBlockBase.freeze``, ``MODEL.BACKBONE.FREEZE_AT``).
+:func:`install` redirects both here with :func:`redirect_function`, the mechanism of the ``get_norm``
+extension (:mod:`smallbn_d2.modeling.norms`), and Detectron2's unchanged functions do the rest.
 """
 from __future__ import annotations
 
 import inspect
-import logging
 import types
 from typing import Any, Callable, Dict, List, Optional
 
@@ -29,8 +21,6 @@ from ..layers import IterationNormBase, is_weight_centralized, remove_weight_cen
 
 __all__ = ["bn_view", "get_default_optimizer_params", "convert_frozen_batchnorm", "redirect_function", "install",
            "FROZEN_FROM"]
-
-logger = logging.getLogger(__name__)
 
 #: Attribute set on each FrozenBatchNorm2d made from a CBN/MABN layer: the layer's class name.
 FROZEN_FROM = "smallbn_d2_frozen_from"
@@ -109,13 +99,9 @@ def _mirror(module: nn.Module, memo: Dict[int, nn.Module]) -> nn.Module:
 
 
 def bn_view(model: nn.Module) -> nn.Module:
-    """``model`` as Detectron2 would see it with ``nn.BatchNorm2d`` in place of every CBN/MABN layer.
-
-    The same module names and order and the very same ``nn.Parameter`` objects (not copies); each
-    :class:`IterationNormBase` layer is a ``BatchNorm2d`` holding its parameters, subtrees without
-    one are ``model``'s own modules, their ancestors plain ``nn.Module`` containers. For reading
-    parameters only (no forward pass). Returns ``model`` itself if it holds no CBN/MABN layer.
-    """
+    """``model`` as Detectron2 would see it with ``nn.BatchNorm2d`` in place of every CBN/MABN layer:
+    the same module names and order and the very same ``nn.Parameter`` objects, for reading
+    parameters only (no forward pass). ``model`` itself if it holds no CBN/MABN layer."""
     return _mirror(model, {})
 
 
