@@ -169,19 +169,15 @@ def _uses_conv_input(family: NormFamily, hyperparameters: Dict[str, Any]) -> boo
 
 
 def _source_kind(m: nn.Module, frozen_cls) -> Optional[str]:
-    """"convert" for a BN this function converts, "other" for a BN-like layer it reports, None else."""
+    """"" for a BN this function converts, the reason for a BN-like layer it only reports, None else."""
     if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) or (frozen_cls is not None and isinstance(m, frozen_cls)):
-        return "convert"
-    if isinstance(m, torch_batch_norm_base()) or type(m).__name__ == "FrozenBatchNorm2d":
-        return "other"
-    return None
-
-
-def _other_reason(m: nn.Module) -> str:
+        return ""
     if type(m).__name__ == "FrozenBatchNorm2d":
         return "Detectron2's FrozenBatchNorm2d is converted only with include_detectron2=True"
-    return (f"{type(m).__name__} is not handled: CBN and MABN normalize the (N, C, H, W) output of an "
-            "nn.Conv2d (BatchNorm2d)")
+    if isinstance(m, torch_batch_norm_base()):
+        return (f"{type(m).__name__} is not handled: CBN and MABN normalize the (N, C, H, W) output of an "
+                "nn.Conv2d (BatchNorm2d)")
+    return None
 
 
 def _new_layer(bn: nn.Module, family: NormFamily, hyperparameters: Dict[str, Any]) -> IterationNormBase:
@@ -261,10 +257,9 @@ def convert_norm(module: nn.Module, norm: str, example_inputs: Any, *, include_d
     Args:
         module: the model (modified in place; a model that is itself a BN is not converted).
         norm: ``"CBN"``, ``"NaiveCBN"`` or ``"MABN"`` (a key of ``NORM_FAMILIES``).
-        example_inputs: a tuple of positional arguments of the model, or one argument (e.g. a
-            (N, 3, H, W) tensor; a list of dicts for Detectron2 models); it must reach every BN
-            to convert. The forward runs in eval mode under ``torch.no_grad()``, random state
-            restored: no statistics change.
+        example_inputs: a tuple of the model's positional arguments, or one argument (e.g. a
+            (N, 3, H, W) tensor; a list of dicts for Detectron2 models) reaching every BN to convert;
+            run in eval mode under ``torch.no_grad()``, random state restored (no statistics change).
         include_detectron2: also convert Detectron2's ``FrozenBatchNorm2d`` (imports Detectron2).
         **hyperparameters: constructor arguments of the layer class (e.g. ``window_size=4`` for
             CBN, ``buffer_size=16`` for MABN), checked before the model is touched.
@@ -276,8 +271,7 @@ def convert_norm(module: nn.Module, norm: str, example_inputs: Any, *, include_d
         ValueError: ``norm`` is not a registered family (the message lists the allowed names), a
             hyperparameter is unknown, given for ``num_features``/``affine``, or out of its range
             (the message names it); ``include_detectron2`` is not a bool.
-        Exception: whatever the model's forward raises for ``example_inputs`` (nothing is
-            converted then).
+        Exception: whatever the model's forward raises for ``example_inputs`` (nothing converted).
     """
     family = _validate(norm, hyperparameters)
     if not isinstance(include_detectron2, bool):
@@ -291,14 +285,10 @@ def convert_norm(module: nn.Module, norm: str, example_inputs: Any, *, include_d
         names.setdefault(id(m), name)
         for child_name, child in m.named_children():
             parents.setdefault(id(child), []).append((m, child_name))
-    kinds = {}
-    for m in module.modules():
-        kind = _source_kind(m, frozen_cls)
-        if kind is not None:
-            kinds[id(m)] = (m, kind)
+    found = {id(m): (m, refusal) for m in module.modules() if (refusal := _source_kind(m, frozen_cls)) is not None}
     structural = {id(m.norm): names[id(m)] for m in module.modules()
                   if isinstance(m, nn.Conv2d) and isinstance(getattr(m, "norm", None), nn.Module)}
-    watched = {i: names[i] for i, (m, kind) in kinds.items() if kind == "convert"}
+    watched = {i: names[i] for i, (m, refusal) in found.items() if refusal == ""}
     calls = _trace(module, names, watched, structural, example_inputs)
 
     convs = dict(module.named_modules())
@@ -306,15 +296,15 @@ def convert_norm(module: nn.Module, norm: str, example_inputs: Any, *, include_d
     for i, name in watched.items():
         cs = calls[name]
         if (len(cs) == 1 and cs[0].kind == "conv"
-                and _skip_reason(kinds[i][0], cs, family, uses_conv_input, None) is None):
+                and _skip_reason(found[i][0], cs, family, uses_conv_input, None) is None):
             consumers.setdefault((cs[0].producer, cs[0].conv_call), []).append(name)
 
     report = ConversionReport(norm)
-    for i, (bn, kind) in kinds.items():
+    for i, (bn, refusal) in found.items():
         name = names[i]
         entry = dict(name=name, source=type(bn).__name__, channels=int(getattr(bn, "num_features", -1)))
-        if kind == "other":
-            report.skipped.append(ConversionEntry(**entry, reason=_other_reason(bn)))
+        if refusal:
+            report.skipped.append(ConversionEntry(**entry, reason=refusal))
             continue
         if bn is module:
             report.skipped.append(ConversionEntry(**entry, reason="the model itself is the BN: nothing holds it"))
