@@ -27,13 +27,10 @@ _warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models given the wa
 _informed: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models given the info line
 
 
-def check_loaded_weight_centralization(
-    model: nn.Module,
-    loaded_keys: Optional[Iterable[str]] = None,
-    threshold: float = DEFAULT_THRESHOLD,
-    random_factor: float = DEFAULT_RANDOM_FACTOR,
-    top: int = 5,
-) -> List[CentralizedConv]:
+def check_loaded_weight_centralization(model: nn.Module, loaded_keys: Optional[Iterable[str]] = None,
+                                       threshold: float = DEFAULT_THRESHOLD,
+                                       random_factor: float = DEFAULT_RANDOM_FACTOR,
+                                       top: int = 5) -> List[CentralizedConv]:
     """Report weight-centralized convs whose loaded weights centralization changes; log once per model.
 
     Call it right after weights were loaded into a model with MABN layers (the checkpointer does,

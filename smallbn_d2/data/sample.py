@@ -29,15 +29,6 @@ def coco_sample_files(root: Optional[os.PathLike] = None) -> Dict[str, Tuple[str
             for name, split in SAMPLE_DATASETS.items()}
 
 
-def _builtin_coco_metadata() -> dict:
-    """Class names, colours and the category id map of Detectron2's builtin COCO datasets."""
-    from detectron2.data import MetadataCatalog
-
-    meta = MetadataCatalog.get("coco_2017_val").as_dict()
-    keep = ("thing_classes", "thing_colors", "thing_dataset_id_to_contiguous_id")
-    return {k: meta[k] for k in keep if k in meta}
-
-
 def register_coco_sample(root: Optional[os.PathLike] = None) -> Tuple[str, ...]:
     """Register the shipped COCO 2017 sample in Detectron2's catalogs; a second call does nothing.
 
@@ -50,9 +41,8 @@ def register_coco_sample(root: Optional[os.PathLike] = None) -> Tuple[str, ...]:
         the registered names, ``("coco_2017_sample_train", "coco_2017_sample_val")``.
     Raises:
         DatasetsNotFoundError: an annotation file or image folder of the sample is missing.
-        SampleRegistrationError: a name is already registered (in ``DatasetCatalog`` or with a
-            ``json_file``/``image_root`` in ``MetadataCatalog``) for other files; the message names
-            both.
+        SampleRegistrationError: a name is already registered (``DatasetCatalog``, or ``json_file``/
+            ``image_root`` in ``MetadataCatalog``) for other files; the message names both.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
@@ -78,7 +68,9 @@ def register_coco_sample(root: Optional[os.PathLike] = None) -> Tuple[str, ...]:
                 f"Remove it first (DatasetCatalog.remove({name!r}); MetadataCatalog.remove({name!r})) or use "
                 "another name for the other dataset")
         todo.append(name)
-    metadata = _builtin_coco_metadata() if todo else {}
+    builtin = MetadataCatalog.get("coco_2017_val").as_dict() if todo else {}  # class names, colours, id map
+    metadata = {k: builtin[k] for k in ("thing_classes", "thing_colors", "thing_dataset_id_to_contiguous_id")
+                if k in builtin}
     for name in todo:
         register_coco_instances(name, metadata, *files[name])
     return tuple(files)
