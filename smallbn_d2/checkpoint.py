@@ -1,66 +1,24 @@
-"""Loading checkpoints into models with CBN/MABN layers, across norms, with clear shape errors.
+"""Checkpoints of CBN/MABN models: loading across norms, clear shape errors, atomic saving.
 
-Two things Detectron2's ``DetectionCheckpointer`` does not do for the cross-iteration norms:
-
-1. **Loading across norms**. A checkpoint trained with ``BN``, ``SyncBN``,
-   ``FrozenBN`` (or ``CBN``) loads into a model of the same architecture whose norms are CBN or
-   MABN. Per CBN/MABN layer at ``prefix``:
-
-   * affine parameters ``prefix.weight``/``prefix.bias`` (gamma, beta, shape (C,)) load under
-     their own names (BN, SyncBN, FrozenBN and CBN/MABN use the same names);
-   * population statistics: each layer says how BN statistics map onto its own
-     (``IterationNormBase.population_state`` with E[x] = running_mean and E[x^2] = running_var +
-     running_mean^2, in float64): CBN's ``running_mean``/``running_var`` (C,) are BN's, loaded as
-     they are; MABN's ``running_chi2`` (C,), its population estimate of E[x^2] (METHODS.md MABN
-     items 1, 3, 6), becomes ``running_var + running_mean ** 2``;
-   * RetinaNet's head keeps one CBN/MABN per FPN level (``prefix = head...N.<level>``, inside
-     Detectron2's ``CycleBatchNormList``); a checkpoint with a single norm there (FrozenBN, which
-     Detectron2 does not make per level) gives its statistics to every level;
-   * the cross-iteration state the checkpoint cannot have (the layer's
-     ``cross_iteration_state_keys``: CBN's ``window_*`` buffers and ``num_batches_tracked``;
-     MABN's ``chi2_buffer``, ``psi_buffer``, ``chi2_iters``, ``psi_iters``) is set to the values of a freshly built layer (zeros; tags -1 = empty
-     slot), so the layer starts its window / moving averages afresh;
-   * entries of the source norm that the target does not have (BN's ``running_mean``/
-     ``running_var``/``num_batches_tracked`` in an MABN model, CBN's window in an MABN model,
-     MABN's buffers in a CBN model) are consumed or dropped, not reported as unexpected.
-
-   The reverse (CBN/MABN -> BN/FrozenBN for deployment) is the conversion of the inference
-   tools, not this module.
-
-2. **Clear shape errors**. Detectron2 (fvcore) skips a checkpoint entry whose
-   shape differs from the model's with a log warning, which for a CBN window trained with
-   another window size k, or an MABN buffer of another buffer size m, would silently restart
-   the cross-iteration state. Here every entry of a CBN/MABN layer whose shape differs raises
-   :class:`NormStateShapeError` naming the key, the checkpoint shape, the model shape and the
-   config key that sets it.
-
-:func:`convert_norm_state_dict` does both on a state dict; :class:`NormCheckpointer` is
-``DetectionCheckpointer`` applying it on every load (used by :class:`smallbn_d2.engine.Trainer`
-and ``tools/train_net.py``). Saving is Detectron2's, made atomic, with the files' mode set by
-the user's umask (as a plain ``open`` gives).
-
-3. **Converted checkpoints** (inference models, :mod:`smallbn_d2.deploy`):
-   :func:`save_inference_checkpoint` writes one with its conversion metadata and no
-   ``last_checkpoint``; :func:`load_checkpoint_strict` loads any checkpoint and raises
-   :class:`IncompatibleCheckpointError` on missing, unexpected or mis-shaped keys, except the
-   training-only cross-iteration state that ``model_final.pth`` leaves out
-   (:func:`fill_absent_training_state`). :class:`NormCheckpointer` loads a converted checkpoint
-   strictly too, and a folded one only into the FrozenBN model of its config, which it folds
-   first: a folded checkpoint is never loaded into an unfolded model.
+:class:`NormCheckpointer` is Detectron2's ``DetectionCheckpointer`` with these additions (the
+Trainer's and the tools' checkpointer); :func:`convert_norm_state_dict` is its mapping of a state
+dict; :func:`save_inference_checkpoint` and :func:`load_checkpoint_strict` are the checkpoint I/O
+of :mod:`smallbn_d2.deploy`. See docs/RELIABILITY.md sections 6 and 7, and docs/DEPLOY.md.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
-import tempfile
-from collections import OrderedDict
+import secrets
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.layers import CycleBatchNormList
+from detectron2.utils.file_io import PathManager
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
@@ -70,8 +28,8 @@ from .layers import IterationNormBase
 from .pretrained import check_loaded_weight_centralization
 
 __all__ = ["NormStateShapeError", "convert_norm_state_dict", "NormCheckpointer", "AtomicPathManager",
-           "IncompatibleCheckpointError", "fill_absent_training_state",
-           "save_inference_checkpoint", "load_checkpoint_strict", "read_conversion_metadata", "METADATA_KEY"]
+           "IncompatibleCheckpointError", "fill_absent_training_state", "save_inference_checkpoint",
+           "load_checkpoint_strict", "read_conversion_metadata", "METADATA_KEY", "refuse_existing", "atomic_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,25 +45,23 @@ class NormStateShapeError(ValueError):
     """
 
 
-def _shape_hint(layer: IterationNormBase, local: str, ckpt_shape: Tuple[int, ...]) -> str:
-    hint = layer.state_shape_hint(local, ckpt_shape)
-    if hint is not None:
-        return hint
-    return ("the layer's channel count or producing conv differs: the checkpoint is from another "
-            "architecture (check MODEL.RESNETS/FPN/ROI_*_HEAD channel settings)")
+class IncompatibleCheckpointError(RuntimeError):
+    """A checkpoint's keys do not match the model it is loaded into (missing or unexpected keys)."""
 
 
 def _fresh_value(local: str, like: torch.Tensor) -> torch.Tensor:
-    """The value a freshly built layer has for cross-iteration state ``local``."""
-    if local.endswith("_iters"):  # window/slot tags: -1 marks an empty slot
-        return torch.full_like(like, -1)
-    return torch.zeros_like(like)
+    """A freshly built layer's value of cross-iteration state ``local`` (tags -1 = empty slot)."""
+    return torch.full_like(like, -1) if local.endswith("_iters") else torch.zeros_like(like)
+
+
+def _own_entries(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """The entries of the module at ``prefix`` itself (not of its children), by local name."""
+    n = len(prefix)
+    return {k[n:]: v for k, v in state_dict.items() if k.startswith(prefix) and "." not in k[n:]}
 
 
 def _parent_prefix(name: str, modules: Dict[str, nn.Module]) -> Optional[str]:
     """``parent.`` if ``name`` is a per-level layer inside a ``CycleBatchNormList``, else None."""
-    if "." not in name:
-        return None
     parent, _, last = name.rpartition(".")
     if last.isdigit() and isinstance(modules.get(parent), CycleBatchNormList):
         return parent + "."
@@ -114,55 +70,54 @@ def _parent_prefix(name: str, modules: Dict[str, nn.Module]) -> Optional[str]:
 
 def convert_norm_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module
                             ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """Map a checkpoint's norm entries onto ``model``'s CBN/MABN layers (see the module docstring).
+    """Map a checkpoint trained with BN, SyncBN, FrozenBN, CBN or MABN onto ``model``'s CBN/MABN layers.
+
+    Per CBN/MABN layer: gamma and beta (C,) load under their own names; missing population
+    statistics come from BN's through the layer's ``population_state(E[x], E[x^2])``, with
+    E[x] = running_mean and E[x^2] = running_var + running_mean^2 in float64 (CBN keeps them as
+    they are; MABN's ``running_chi2`` is E[x^2], METHODS.md MABN items 1, 3, 6); a single norm
+    where the model has per-level layers (RetinaNet's head, ``CycleBatchNormList``) gives its
+    statistics to every level; cross-iteration state absent from the checkpoint is that of a
+    fresh layer (zeros, tags -1); another norm's entries are dropped. See docs/RELIABILITY.md
+    section 6.
 
     Args:
-        state_dict: a model state dict (key -> tensor), e.g. ``torch.load(f)["model"]``, keys
-            without a ``module.`` (DDP) prefix. Not modified.
+        state_dict: key -> tensor, keys without a ``module.`` (DDP) prefix. Not modified.
         model: the model to load into (a DDP wrapper is unwrapped), built with
             :func:`smallbn_d2.build_model` (producing convs attached, so window shapes are final).
     Returns:
-        ``(new_state_dict, notes)``: a new dict (tensors shared with the input where unchanged),
-        and one line per kind of mapping made, for the log.
+        ``(new_state_dict, notes)``: tensors shared with the input where unchanged, and one log
+        line per kind of mapping made.
     Raises:
-        NormStateShapeError: an entry of a CBN/MABN layer has another shape in the checkpoint
-            than in the model (the message names key, both shapes and the config key).
+        NormStateShapeError: an entry of a CBN/MABN layer has another shape than in the model
+            (e.g. a CBN window of another k), which fvcore would skip with a warning.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
-    sd = OrderedDict(state_dict)
+    sd = collections.OrderedDict(state_dict)
     copy_state_dict_metadata(state_dict, sd)  # module versions, used by e.g. FrozenBatchNorm2d's loading
     modules = dict(model.named_modules())
     model_sd = model.state_dict()
-    counts: Dict[str, int] = {}
-
-    def note(kind: str) -> None:
-        counts[kind] = counts.get(kind, 0) + 1
-
+    counts: Dict[str, int] = collections.Counter()
     for name, layer in modules.items():
         if not isinstance(layer, IterationNormBase):
             continue
-        prefix = name + "."
-        own = {k[len(prefix):]: v for k, v in model_sd.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        prefix, kind = name + ".", type(layer).__name__
+        own = _own_entries(model_sd, prefix)
         for local, value in own.items():
             key = prefix + local
             if key in sd and tuple(sd[key].shape) != tuple(value.shape):
-                raise NormStateShapeError(
-                    f"Checkpoint entry {key!r} has shape {tuple(sd[key].shape)} but the model's "
-                    f"{type(layer).__name__} has shape {tuple(value.shape)}: {_shape_hint(layer, local, tuple(sd[key].shape))}."
-                )
+                shape = tuple(sd[key].shape)
+                hint = layer.state_shape_hint(local, shape) or (
+                    "the layer's channel count or producing conv differs: the checkpoint is from another "
+                    "architecture (check MODEL.RESNETS/FPN/ROI_*_HEAD channel settings)")
+                raise NormStateShapeError(f"Checkpoint entry {key!r} has shape {shape} but the model's {kind} has "
+                                          f"shape {tuple(value.shape)}: {hint}.")
         parent = _parent_prefix(name, modules)
         sources = [p for p in (prefix, parent) if p is not None]
-
-        def stat(local: str) -> Optional[torch.Tensor]:
-            for p in sources:
-                if p + local in sd:
-                    return sd[p + local]
-            return None
-
-        mean, var = stat("running_mean"), stat("running_var")
-        present = any(k.startswith(prefix) for k in sd) or any(
-            parent is not None and parent + s in sd for s in ("weight", "bias") + _BN_STATS)
+        mean, var = (next((sd[p + s] for p in sources if p + s in sd), None) for s in _BN_STATS)
+        present = any(k.startswith(prefix) for k in sd) or (
+            parent is not None and any(parent + s in sd for s in ("weight", "bias") + _BN_STATS))
         if not present:
             continue  # the checkpoint lacks this layer: fvcore reports its keys as missing
         population = layer.population_state_keys()
@@ -171,68 +126,81 @@ def convert_norm_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Modul
                 m = mean.double()
                 for k, v in layer.population_state(m, var.double() + m * m).items():
                     sd[prefix + k] = v
-                note(f"{type(layer).__name__} {'/'.join(population)} from BN statistics "
-                     "(running_mean, running_var)")
+                counts[f"{kind} {'/'.join(population)} from BN statistics (running_mean, running_var)"] += 1
             else:
                 logger.warning(f"{name}: the checkpoint has neither {'/'.join(population)} nor BN's "
                                f"running_mean/var; the population statistics keep their initial values")
-        for k in [k for k in sd if k.startswith(prefix) and "." not in k[len(prefix):]
-                  and k[len(prefix):] not in own]:
-            del sd[k]  # another norm's state (BN's statistics, CBN's window, MABN's buffers): consumed
-        cross = layer.cross_iteration_state_keys()
-        fresh = [local for local in own if prefix + local not in sd and local in cross]
+        for local in _own_entries(sd, prefix):
+            if local not in own:
+                del sd[prefix + local]  # another norm's state (BN's statistics, CBN's window, MABN's buffers)
+        fresh = [local for local in own if prefix + local not in sd and local in layer.cross_iteration_state_keys()]
         for local in fresh:
             sd[prefix + local] = _fresh_value(local, own[local])
         if fresh:
-            note(f"{type(layer).__name__} cross-iteration state absent from the checkpoint, initialised afresh")
-    notes = [f"{kind}: {n} layers" for kind, n in counts.items()]
-    return sd, notes
+            counts[f"{kind} cross-iteration state absent from the checkpoint, initialised afresh"] += 1
+    return sd, [f"{kind}: {n} layers" for kind, n in counts.items()]
+
+
+def _mismatch(incompatible) -> str:
+    """fvcore's incompatible keys of a load as one line, or "" if everything matched."""
+    keys = {"missing": list(getattr(incompatible, "missing_keys", [])),
+            "unexpected": list(getattr(incompatible, "unexpected_keys", [])),
+            "of another shape": [k for k, *_ in getattr(incompatible, "incorrect_shapes", [])]}
+    if not any(keys.values()):
+        return ""
+    return ", ".join(f"{kind} keys {k[:8]}{' ...' if len(k) > 8 else ''}" for kind, k in keys.items())
+
+
+def _peek(path: str) -> Dict:
+    """The entries of a checkpoint file, memory-mapped where possible; {} if unreadable."""
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # not a zip-format file: no mmap
+            data = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - a file that is no torch checkpoint has nothing to offer
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@contextlib.contextmanager
+def _without_cross_iteration_state(model: nn.Module) -> Iterator[None]:
+    """While active, ``model.state_dict()`` omits every layer's cross-iteration state."""
+    def drop(module, state_dict, prefix, local_metadata):
+        for key in module.cross_iteration_state_keys():
+            state_dict.pop(prefix + key, None)
+
+    handles = [register_state_dict_hook(m, drop) for m in model.modules() if isinstance(m, IterationNormBase)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @route_load_model
 class NormCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that loads across norms into CBN/MABN models and raises
-    :class:`NormStateShapeError` on mis-shaped CBN/MABN entries (see the module docstring).
+    """Detectron2's ``DetectionCheckpointer`` for CBN/MABN models, with the same constructor.
 
-    Same constructor and ``resume_or_load`` as Detectron2's. Loading applies, in order:
-    Detectron2's name-matching heuristics for ``.pkl``/``.pyth`` model-zoo files (with MABN
-    layers exposing virtual ``running_mean``/``running_var`` keys, so that ImageNet BN
-    statistics find them), then :func:`convert_norm_state_dict`, then fvcore's loading.
+    Loading: Detectron2's name matching for ``.pkl``/``.pyth`` model-zoo files (MABN layers
+    expose virtual ``running_mean``/``running_var`` keys to it), then
+    :func:`convert_norm_state_dict`, then fvcore's loading. A checkpoint written by
+    :func:`save_inference_checkpoint` loads strictly; a folded one only into the FrozenBN model
+    of its config, which is folded first (:func:`smallbn_d2.deploy.fold_frozen_bn`) when the
+    checkpointer has no checkpointables (evaluation). ``resume_or_load(..., resume=True)`` from a
+    ``<prefix>_final.pth`` takes the periodic checkpoint of the same iteration when there is one
+    (it keeps the cross-iteration state), else warns that every CBN window and MABN moving
+    average restarts empty.
 
-    Saving is Detectron2's with two differences:
-
-    * **Atomic files.** Every checkpoint and ``last_checkpoint`` is written to a temporary file in
-      the same directory, flushed to disk and renamed over the target (:class:`AtomicPathManager`).
-      A process killed at any moment leaves either the old or the new file complete, and
-      ``last_checkpoint`` always names a complete checkpoint; ``--resume`` continues from it.
-    * **Small final models.** A checkpoint whose name ends in ``_final`` (``model_final.pth``)
-      leaves out the layers' cross-iteration state (CBN's window of statistics gradients, MABN's
-      moving-average buffers: ``cross_iteration_state_keys``), which inference and fine-tuning do
-      not need (loading it starts them afresh); periodic checkpoints keep it for exact resume.
-
-    Loading differs from Detectron2's in three more ways:
-
-    * **Resuming a finished run** (``resume_or_load(..., resume=True)`` when ``last_checkpoint``
-      names ``<prefix>_final.pth``): if the periodic checkpoint ``<prefix>_<iteration:07d>.pth``
-      of the same iteration is there (written in the same step, so the same weights, optimizer
-      and schedule), the run resumes from it, with the cross-iteration state; otherwise from
-      ``model_final.pth`` with a warning that every CBN window and MABN moving average restarts
-      empty if training continues.
-    * **Converted checkpoints** (written by :func:`save_inference_checkpoint`, e.g. by
-      ``tools/convert_for_inference.py``) load strictly: a missing, unexpected or mis-shaped key
-      raises :class:`IncompatibleCheckpointError` with a one-line message that says how to load it
-      (Detectron2 would only log warnings and evaluate a mis-loaded model).
-    * **Folded checkpoints** (``--fold``) load into the FrozenBN model of their config (the
-      ``.yaml`` the conversion writes; the model holds no CBN/MABN/BN layer): when the
-      checkpointer has no checkpointables (evaluation), it first folds the model's
-      ``FrozenBatchNorm2d`` layers into their convs (:func:`smallbn_d2.deploy.fold_frozen_bn`,
-      in place), so that the structures match, then loads strictly. Into any other model a folded
-      checkpoint is refused.
+    Saving: every file, ``last_checkpoint`` included, is written atomically
+    (:class:`AtomicPathManager`); ``*_final`` checkpoints leave out the layers'
+    ``cross_iteration_state_keys()``, which only an exact resume needs. See docs/RELIABILITY.md
+    section 7 and docs/DEPLOY.md.
 
     Raises (from ``load``/``resume_or_load``):
         NormStateShapeError: as :func:`convert_norm_state_dict`.
         IncompatibleCheckpointError: a converted checkpoint that does not match the model (the
-            model may be partly loaded when it is raised).
+            model may be partly loaded then).
     """
 
     def __init__(self, *args, **kwargs):
@@ -242,29 +210,25 @@ class NormCheckpointer(DetectionCheckpointer):
         self._resuming = False
 
     def load(self, path: str, *args, **kwargs):
-        """Detectron2's ``load`` (see the class docstring for what loading adds)."""
+        """Detectron2's ``load``, with the class docstring's additions."""
         self._loading = path
         return super().load(path, *args, **kwargs)
 
     def resume_or_load(self, path: str, *, resume: bool = True):
-        """Detectron2's ``resume_or_load``; resuming from ``<prefix>_final.pth`` takes the periodic
-        checkpoint of the same iteration instead when there is one (class docstring)."""
+        """Detectron2's ``resume_or_load``; a ``*_final.pth`` gives way to its periodic twin (class docstring)."""
         if not (resume and self.has_checkpoint()):
             return self.load(path, checkpointables=[])
         last = self.get_checkpoint_file()
-        path = self._full_state_twin(last) or last
         self._resuming = True
         try:
-            return self.load(path)
+            return self.load(self._full_state_twin(last) or last)
         finally:
             self._resuming = False
 
     def _full_state_twin(self, final: str) -> Optional[str]:
         """The periodic checkpoint written in the same step as ``final`` (a ``*_final.pth``), or None."""
         name = os.path.basename(final)
-        if not name.endswith("_final.pth"):
-            return None
-        iteration = _peek(final).get("iteration")
+        iteration = _peek(final).get("iteration") if name.endswith("_final.pth") else None
         if not isinstance(iteration, int):
             return None
         twin = os.path.join(os.path.dirname(final), f"{name[:-len('_final.pth')]}_{iteration:07d}.pth")
@@ -275,15 +239,14 @@ class NormCheckpointer(DetectionCheckpointer):
         return twin
 
     def save(self, name: str, **kwargs) -> None:
-        """Detectron2's ``save`` (atomic); ``*_final`` without cross-iteration state."""
+        """Detectron2's ``save``, atomic; ``*_final`` without cross-iteration state."""
         context = _without_cross_iteration_state(self.model) if name.endswith("_final") else contextlib.nullcontext()
         with context:
             super().save(name, **kwargs)
 
     def load_model_state(self, checkpoint: Dict) -> "object":
-        """What ``load`` does with a read checkpoint (fvcore's private ``_load_model``, routed here
-        by :func:`smallbn_d2.compat.route_load_model`): the class docstring's conversions, then
-        Detectron2's loading; returns fvcore's incompatible keys."""
+        """Load a read checkpoint (fvcore's private ``_load_model``, routed here by
+        :func:`smallbn_d2.compat.route_load_model`); returns fvcore's incompatible keys."""
         state = checkpoint["model"]
         convert_ndarray_to_tensor(self, state)
         if checkpoint.get("matching_heuristics", False):
@@ -299,7 +262,7 @@ class NormCheckpointer(DetectionCheckpointer):
             consume_prefix_in_state_dict_if_present(state, "module.")
         converted = checkpoint.get(METADATA_KEY) if isinstance(checkpoint.get(METADATA_KEY), dict) else None
         if converted is not None and converted.get("fold") and not self.checkpointables:
-            self._fold_for(converted)
+            self._fold_model()
         state, notes = convert_norm_state_dict(state, self.model)
         for line in notes:
             if self._resuming and "cross-iteration state absent" in line:
@@ -313,183 +276,112 @@ class NormCheckpointer(DetectionCheckpointer):
                 self.logger.info(f"Loading across norms: {line}")
         checkpoint["model"] = state
         incompatible = load_model_from_checkpoint(self, checkpoint)
-        if converted is not None:
-            self._check_converted(incompatible, converted)
+        mismatch = _mismatch(incompatible) if converted is not None else ""
+        if mismatch:
+            path = self._loading
+            config = os.path.splitext(path)[0] + ".yaml"
+            where = (f"tools/train_net.py --eval-only --config-file {config}" if os.path.isfile(config)
+                     else "tools/train_net.py --eval-only with the .yaml written next to it")
+            kind = "folded (--fold)" if converted.get("fold") else "unfolded"
+            raise IncompatibleCheckpointError(
+                f"{path!r} is a checkpoint converted for inference, {kind}, by tools/convert_for_inference.py, and "
+                f"does not match this model ({mismatch}): evaluate it with {where}, or load it with "
+                f"smallbn_d2.deploy.load_inference_model(training cfg, {path!r}).")
         # MABN centralizes its convs' weights: say so if loaded weights were not trained that way
         check_loaded_weight_centralization(self.model, loaded_keys=state.keys())
         return incompatible
 
-    def _inference_structure(self) -> bool:
-        """True if the model has no layer that conversion would replace (CBN, MABN, BN)."""
-        from .deploy.to_frozen_bn import _SOURCES  # deploy imports this module
+    def _fold_model(self) -> None:
+        """Fold a FrozenBN model for a folded checkpoint; a training model is left to the strict check."""
+        from .deploy.to_frozen_bn import CONVERTED, fold_frozen_bn  # deploy imports this module
 
-        from detectron2.layers import FrozenBatchNorm2d
-
-        return not any(isinstance(m, _SOURCES) and not isinstance(m, FrozenBatchNorm2d) for m in self.model.modules())
-
-    def _fold_for(self, converted: Dict) -> None:
-        """Give the (FrozenBN) model the folded structure of a folded checkpoint."""
-        from .deploy.to_frozen_bn import fold_frozen_bn
-
-        if not self._inference_structure():
-            return  # a training model: the strict check refuses the folded checkpoint
+        if any(isinstance(m, CONVERTED) for m in self.model.modules()):
+            return
         folded = [r for r in fold_frozen_bn(self.model) if r.action.startswith("folded")]
         if folded:
             self.logger.info(f"{self._loading} is folded (tools/convert_for_inference.py --fold): {len(folded)} "
                              "FrozenBatchNorm2d layers of the model folded into their convs before loading")
 
-    def _check_converted(self, incompatible, converted: Dict) -> None:
-        """Raise :class:`IncompatibleCheckpointError` if a converted checkpoint did not match exactly."""
-        keys = _incompatible_keys(incompatible)
-        if not any(keys.values()):
-            return
-        path = self._loading
-        kind = "folded (--fold)" if converted.get("fold") else "unfolded"
-        config = os.path.splitext(path)[0] + ".yaml"
-        where = (f"tools/train_net.py --eval-only --config-file {config}" if os.path.isfile(config)
-                 else "tools/train_net.py --eval-only with the .yaml written next to it")
-        raise IncompatibleCheckpointError(
-            f"{path!r} is a checkpoint converted for inference, {kind}, by tools/convert_for_inference.py, and does "
-            f"not match this model ({_show_keys(keys)}): evaluate it with {where}, or load it with "
-            f"smallbn_d2.deploy.load_inference_model(training cfg, {path!r}).")
+
+# ------------------------------------------------------------------------------ writing files
+def refuse_existing(path: str, overwrite: bool) -> None:
+    """smallbn_d2's output guard (:func:`smallbn_d2.engine.check_output_dir`) for one file to write.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    if "://" in path:
+        if PathManager.exists(path) and not overwrite:
+            raise FileExistsError(f"{path!r} exists; refusing to overwrite it; allowed: a new path, or overwrite=True")
+        return
+    from .engine.defaults import check_output_dir  # the engine imports this module
+
+    check_output_dir(os.path.dirname(path) or ".", files=[os.path.basename(path)], allow_existing=overwrite,
+                     way_out="overwrite=True")
 
 
-# ------------------------------------------------------------------------------ saving
-def _current_umask() -> int:
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """A new empty file next to local ``path`` to write, renamed over ``path`` when the block exits cleanly.
+
+    The file gets the mode a plain ``open`` gives (0o666 minus the umask). An exception removes
+    it and leaves ``path`` as it was; a killed process leaves it as ``.<name>.<hex>.partial``,
+    which nothing loads.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.partial")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the kernel applies the umask
     try:
-        with open("/proc/self/status") as f:  # Linux >= 4.7: read without changing it
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def new_file_mode() -> int:
-    """The permission bits ``open(path, "w")`` gives a new file: ``0o666`` minus the process's umask
-    (e.g. ``0o644`` with the usual umask 022). Files written through a temporary file (atomic
-    checkpoints, exported models) are given this mode, as Detectron2's own files have."""
-    return 0o666 & ~_current_umask()
-
-
-def _peek(path: str) -> Dict:
-    """The entries of a checkpoint file, read lazily (memory-mapped where possible); {} if unreadable."""
-    try:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except RuntimeError:  # not a zip-format file: no mmap
-            data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001 - a file that is no torch checkpoint has nothing to offer
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-class _AtomicFile:
-    """Context manager: a file object on a temporary path, renamed to ``path`` on a clean exit."""
-
-    def __init__(self, path: str, mode: str):
-        self.path, self.mode = path, mode
-
-    def __enter__(self):
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=directory)
-        os.fchmod(fd, new_file_mode())  # mkstemp makes it 0600; the renamed file gets what open() would give
-        self.file = os.fdopen(fd, self.mode)
-        return self.file
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self.file.flush()
-                os.fsync(self.file.fileno())
-            self.file.close()
-            if exc_type is None:
-                os.replace(self.tmp, self.path)
-        finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
+@contextlib.contextmanager
+def _atomic_open(path: str, mode: str):
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename
 
 
 class AtomicPathManager:
-    """A PathManager whose ``open`` for writing on a local path writes atomically (temporary file in
-    the same directory + ``os.replace``); everything else is delegated to the wrapped one.
-
-    A kill during the write leaves the target as it was and a hidden ``.<name>.*.partial`` file,
-    which nothing loads.
-    """
+    """A PathManager whose ``open`` of a local path for writing ("w", "wb") writes through
+    :func:`atomic_path` (flushed to disk before the rename); everything else is the wrapped one's."""
 
     def __init__(self, wrapped):
         self._wrapped = wrapped
 
     def open(self, path: str, mode: str = "r", **kwargs):
-        """Atomic for local write modes ("w", "wb"); otherwise the wrapped manager's ``open``."""
         if "://" not in path and mode in ("w", "wb") and not kwargs:
-            return _AtomicFile(path, mode)
+            return _atomic_open(path, mode)
         return self._wrapped.open(path, mode, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._wrapped, name)
 
 
-@contextlib.contextmanager
-def _without_cross_iteration_state(model: nn.Module) -> Iterator[None]:
-    """While active, ``model.state_dict()`` omits every layer's cross-iteration state."""
-    handles = []
-
-    def drop(module, state_dict, prefix, local_metadata):
-        for key in module.cross_iteration_state_keys():
-            state_dict.pop(prefix + key, None)
-
-    for module in model.modules():
-        if isinstance(module, IterationNormBase):
-            handles.append(register_state_dict_hook(module, drop))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 # ------------------------------------------------------------------------------ converted checkpoints
-class IncompatibleCheckpointError(RuntimeError):
-    """A checkpoint's keys do not match the model it is loaded into (missing or unexpected keys)."""
-
-
 def save_inference_checkpoint(model: nn.Module, path: str, fold: bool, overwrite: bool = False) -> None:
-    """Write ``model`` as a Detectron2 checkpoint (``{"model": state_dict, ...}``, loadable by
-    ``DetectionCheckpointer``) with the conversion metadata ``{"fold": fold}``.
+    """Write ``model`` as a Detectron2 checkpoint ``{"model": state_dict, METADATA_KEY: {"fold": fold}}``.
 
-    Unlike ``DetectionCheckpointer.save`` it writes no ``last_checkpoint`` file, so converting
-    into a training output directory cannot redirect a later ``--resume``. A local file is
-    written atomically (temporary file, then renamed) with the mode of :func:`new_file_mode`.
+    Unlike ``DetectionCheckpointer.save`` it writes no ``last_checkpoint``, so converting into a
+    training folder cannot redirect a later ``--resume``. A local file is written atomically.
 
     Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is False (a local path: smallbn_d2's
-            output guard, :func:`smallbn_d2.engine.check_output_dir`).
+        FileExistsError: ``path`` exists and ``overwrite`` is False (:func:`refuse_existing`).
     """
-    from detectron2.utils.file_io import PathManager
-
-    if "://" not in path:
-        from .engine.defaults import check_output_dir  # the engine imports this module
-
-        check_output_dir(os.path.dirname(path) or ".", files=[os.path.basename(path)], allow_existing=overwrite,
-                         way_out="overwrite=True")
-    elif PathManager.exists(path) and not overwrite:
-        raise FileExistsError(f"{path!r} exists; refusing to overwrite it; allowed: a new path, or overwrite=True")
+    refuse_existing(path, overwrite)
     data = {"model": model.state_dict(), METADATA_KEY: {"fold": bool(fold)}}
     with AtomicPathManager(PathManager).open(path, "wb") as f:
         torch.save(data, f)
 
 
 def read_conversion_metadata(path: str) -> Optional[Dict]:
-    """The conversion metadata of a checkpoint written by :func:`save_inference_checkpoint`
-    (``{"fold": bool}``), or None if it has none (any other checkpoint, including Detectron2's
-    ``.pkl`` model-zoo files). The file is memory-mapped where possible, not read whole."""
-    from detectron2.utils.file_io import PathManager
-
+    """The ``{"fold": bool}`` metadata of a checkpoint written by :func:`save_inference_checkpoint`,
+    or None for any other checkpoint (model-zoo ``.pkl`` files included). Memory-mapped where possible."""
     if path.endswith((".pkl", ".pyth")):  # Detectron2's pickled model-zoo formats: never converted
         return None
     meta = _peek(PathManager.get_local_path(path)).get(METADATA_KEY)
@@ -497,21 +389,13 @@ def read_conversion_metadata(path: str) -> Optional[Dict]:
 
 
 def fill_absent_training_state(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> List[str]:
-    """Give each CBN/MABN layer of ``model`` whose cross-iteration state is wholly absent from
-    ``state_dict`` the values of a freshly built layer, in place.
+    """Give each CBN/MABN layer whose cross-iteration state is wholly absent from ``state_dict``
+    (as in ``model_final.pth``) a fresh layer's values, in place; returns the layers' names.
 
-    The cross-iteration state (each layer's ``cross_iteration_state_keys()``: CBN's ``window_*``
-    buffers and ``num_batches_tracked``, MABN's ``chi2_buffer``, ``psi_buffer``, ``chi2_iters``,
-    ``psi_iters``) is training-only: the eval-mode output depends on the affine parameters and
-    the population statistics alone, and ``model_final.pth`` leaves it out
-    (:class:`NormCheckpointer`). A layer that has part of it, or none of its other entries
-    (weight, bias, population statistics), is left alone, so a strict load still reports it.
-
-    Args:
-        state_dict: model state dict (key -> tensor), keys without a ``module.`` prefix.
-        model: the model it is loaded into.
-    Returns:
-        the names of the layers filled.
+    That state (``cross_iteration_state_keys()``) is training-only: eval outputs do not depend on
+    it. A layer with part of it, or missing any of its other entries (weight, bias, population
+    statistics), is left alone, so that a strict load still reports it. ``state_dict``'s keys
+    are without a ``module.`` prefix.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
@@ -521,42 +405,25 @@ def fill_absent_training_state(state_dict: Dict[str, torch.Tensor], model: nn.Mo
         if not isinstance(layer, IterationNormBase):
             continue
         prefix = name + "."
-        cross = [k for k in layer.cross_iteration_state_keys() if prefix + k in model_sd]
-        if any(prefix + k in state_dict for k in cross):
-            continue
-        others = [k for k in model_sd if k.startswith(prefix) and "." not in k[len(prefix):]
-                  and k[len(prefix):] not in cross]
-        if not others or not all(k in state_dict for k in others):
+        own = _own_entries(model_sd, prefix)
+        cross = [k for k in layer.cross_iteration_state_keys() if k in own]
+        others = [prefix + k for k in own if k not in cross]
+        if any(prefix + k in state_dict for k in cross) or not others or not all(k in state_dict for k in others):
             continue
         for k in cross:
-            state_dict[prefix + k] = _fresh_value(k, model_sd[prefix + k])
+            state_dict[prefix + k] = _fresh_value(k, own[k])
         filled.append(name)
     return filled
 
 
-def _incompatible_keys(incompatible) -> Dict[str, List[str]]:
-    return {"missing": list(getattr(incompatible, "missing_keys", [])),
-            "unexpected": list(getattr(incompatible, "unexpected_keys", [])),
-            "of another shape": [k for k, *_ in getattr(incompatible, "incorrect_shapes", [])]}
-
-
-def _show_keys(keys: Dict[str, List[str]]) -> str:
-    def show(k):
-        return f"{k[:8]}{' ...' if len(k) > 8 else ''}"
-
-    return ", ".join(f"{kind} keys {show(k)}" for kind, k in keys.items())
-
-
 @route_load_model
 class _RecordingCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that keeps the incompatible keys of its last load, and fills the
-    training-only state a checkpoint leaves out (:func:`fill_absent_training_state`)."""
+    """Keeps its last load's incompatible keys; fills absent state (:func:`fill_absent_training_state`)."""
 
     incompatible = None
     filled: List[str] = []
 
     def load_model_state(self, checkpoint: Dict) -> "object":
-        """Detectron2's loading of a read checkpoint, recording the incompatible keys."""
         state = checkpoint.get("model")
         if isinstance(state, dict) and not checkpoint.get("matching_heuristics", False):
             if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
@@ -567,17 +434,12 @@ class _RecordingCheckpointer(DetectionCheckpointer):
 
 
 def load_checkpoint_strict(model: nn.Module, path: str) -> Dict:
-    """Load a Detectron2 checkpoint into ``model`` with ``DetectionCheckpointer.load``, strictly,
-    for inference: every weight and population statistic must be there.
+    """Load a checkpoint (``.pth``/``.pkl``, any PathManager path) into ``model`` for inference, strictly.
 
-    The training-only cross-iteration state of CBN/MABN layers may be absent as a whole (a
-    ``model_final.pth``, which leaves it out): such layers get a fresh, empty state
-    (:func:`fill_absent_training_state`), which changes no eval-mode output, and one info line is
-    logged instead of Detectron2's warnings.
+    Every weight and population statistic must be there; CBN/MABN layers whose training-only
+    cross-iteration state is wholly absent (``model_final.pth``) get a fresh one
+    (:func:`fill_absent_training_state`), which changes no eval output.
 
-    Args:
-        model: the model.
-        path: a ``.pth``/``.pkl`` checkpoint (or any path Detectron2's PathManager resolves).
     Returns:
         the checkpoint's other entries (e.g. ``"iteration"``, the conversion metadata).
     Raises:
@@ -586,12 +448,11 @@ def load_checkpoint_strict(model: nn.Module, path: str) -> Dict:
     """
     checkpointer = _RecordingCheckpointer(model)
     checkpoint = checkpointer.load(path, checkpointables=[])
-    keys = _incompatible_keys(checkpointer.incompatible)
-    if any(keys.values()):
+    mismatch = _mismatch(checkpointer.incompatible)
+    if mismatch:
         raise IncompatibleCheckpointError(
-            f"{path!r} does not match the model: {_show_keys(keys)}. Is it a checkpoint of a model of this "
-            "config (for a converted checkpoint: with the fold setting it was converted with)?"
-        )
+            f"{path!r} does not match the model: {mismatch}. Is it a checkpoint of a model of this "
+            "config (for a converted checkpoint: with the fold setting it was converted with)?")
     if checkpointer.filled:
         logger.info(f"{path}: no cross-iteration state (training-only: CBN windows, MABN moving averages) for "
                     f"{len(checkpointer.filled)} layers, as in model_final.pth; inference does not use it")

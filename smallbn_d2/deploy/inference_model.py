@@ -1,15 +1,8 @@
 """The model a converted checkpoint loads into: the training config with its norms as FrozenBN.
 
-A checkpoint converted by :func:`smallbn_d2.deploy.convert_for_inference` (unfolded) loads
-strictly into the model built from the training config with every convertible ``NORM`` set to
-``"FrozenBN"`` (:func:`frozen_bn_config`). :func:`build_inference_model` builds that model and
-adds what a config cannot express: the per-level FrozenBN lists of RetinaNet's head and, for
-folded checkpoints, the folded structure; :func:`load_inference_model` builds and loads strictly
-in one call. See ``docs/DEPLOY.md``.
-
-Both config systems are accepted: Detectron2's YAML (``CfgNode``) configs and its LazyConfigs
-(Python files, or the YAML that ``LazyConfig.save`` writes), whose norms are the values of keys
-named ``norm``/``*_norm`` under ``model`` (:func:`load_training_config`, :func:`is_lazy_config`).
+For Detectron2's YAML configs (``CfgNode``) and its LazyConfigs (Python files, or the YAML that
+``LazyConfig.save`` writes; their norms are the values of keys named ``norm``/``*_norm`` under
+``model``). See docs/DEPLOY.md, section "Load the converted model".
 """
 from __future__ import annotations
 
@@ -24,6 +17,7 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from torch import nn
 
 from ..checkpoint import load_checkpoint_strict, read_conversion_metadata
+from ..config import config_with, norm_keys
 from ..compat import retinanet_head_levels
 from ..modeling.norms import frozen_convertible_norms, per_level_retinanet_norms
 from .to_frozen_bn import fold_frozen_bn
@@ -77,23 +71,6 @@ def build_training_model(cfg: Any) -> nn.Module:
     return build_model(cfg)
 
 
-def _freeze_lazy_norms(node: Any, convertible: Sequence[str]) -> None:
-    from omegaconf import DictConfig, ListConfig
-
-    if isinstance(node, ListConfig):
-        for item in node:
-            _freeze_lazy_norms(item, convertible)
-        return
-    if not isinstance(node, DictConfig):
-        return
-    for key in list(node.keys()):
-        value = node[key]
-        if isinstance(value, (DictConfig, ListConfig)):
-            _freeze_lazy_norms(value, convertible)
-        elif isinstance(key, str) and key.endswith("norm") and isinstance(value, str) and value in convertible:
-            node[key] = "FrozenBN"
-
-
 def _lazy_retinanet_norm(cfg: Any) -> Optional[str]:
     head = cfg.model.get("head", None) if hasattr(cfg.model, "get") else None
     norm = head.get("norm", None) if hasattr(head, "get") else None
@@ -101,35 +78,27 @@ def _lazy_retinanet_norm(cfg: Any) -> Optional[str]:
 
 
 def frozen_bn_config(cfg: Any) -> Any:
-    """A copy of ``cfg`` with every ``NORM`` key whose value converts to FrozenBN
-    (:func:`~smallbn_d2.modeling.norms.frozen_convertible_norms`) set to ``"FrozenBN"`` (e.g.
-    ``MODEL.RESNETS.NORM``, ``MODEL.FPN.NORM``, ``MODEL.ROI_BOX_HEAD.NORM``,
-    ``MODEL.ROI_MASK_HEAD.NORM``, ``MODEL.RETINANET.NORM``). Other norms (GN, LN, "") are kept.
+    """A copy of ``cfg`` (not modified) with every norm that converts to FrozenBN
+    (:func:`~smallbn_d2.modeling.norms.frozen_convertible_norms`) set to ``"FrozenBN"``.
 
-    For a LazyConfig: every string value of a key named ``norm`` or ``*_norm`` under ``model``
-    (``model.backbone.norm``, ``model.roi_heads.box_head.conv_norm``, ...) that converts.
-
-    Args:
-        cfg: a Detectron2 config or LazyConfig (not modified).
-    Returns:
-        a new, unfrozen ``CfgNode`` (a deep copy for a LazyConfig).
+    YAML config: every ``NORM`` key (``MODEL.RESNETS.NORM``, ``MODEL.FPN.NORM``,
+    ``MODEL.ROI_*_HEAD.NORM``, ``MODEL.RETINANET.NORM``); returns a new, unfrozen ``CfgNode``.
+    LazyConfig: every string value of a key named ``norm`` or ``*_norm`` under ``model``; returns
+    a deep copy. Other norms (GN, LN, "") are kept.
     """
     convertible = frozen_convertible_norms()
-    if is_lazy_config(cfg):
-        out = copy.deepcopy(cfg)
-        _freeze_lazy_norms(out.model, convertible)
+    if not is_lazy_config(cfg):
+        out = config_with(cfg, {key: "FrozenBN" for key, value in norm_keys(cfg).items() if value in convertible})
+        out.defrost()
         return out
-    out = cfg.clone()
-    out.defrost()
+    from omegaconf import OmegaConf
 
-    def walk(node: CfgNode) -> None:
-        for key, value in node.items():
-            if isinstance(value, CfgNode):
-                walk(value)
-            elif key == "NORM" and value in convertible:
-                node[key] = "FrozenBN"
+    from ..engine.defaults import lazy_norm_fields
 
-    walk(out)
+    out = copy.deepcopy(cfg)
+    for path, value in lazy_norm_fields(cfg).items():
+        if value in convertible:
+            OmegaConf.update(out, path, "FrozenBN")
     return out
 
 
@@ -140,28 +109,23 @@ def _per_level_frozen_retinanet(model: nn.Module) -> None:
         for subnet in (head.cls_subnet, head.bbox_subnet):
             for i, module in enumerate(subnet):
                 if isinstance(module, FrozenBatchNorm2d):
-                    C = module.num_features
-                    cycle = CycleBatchNormList(length=retinanet_head_levels(head), num_features=C, affine=False,
+                    cycle = CycleBatchNormList(length=retinanet_head_levels(head), num_features=module.num_features,
+                                               affine=False,
                                                bn_class=lambda num_features, affine: FrozenBatchNorm2d(num_features))
                     subnet[i] = cycle.to(module.running_mean.device)
 
 
 def build_inference_model(cfg: Any, fold: bool = False) -> nn.Module:
-    """Build the model that a checkpoint converted from a model of ``cfg`` loads into, strictly.
+    """The model, in eval mode and not loaded, that a checkpoint converted from a model of ``cfg`` loads into strictly.
 
-    The model of :func:`frozen_bn_config` (``cfg``'s norms as FrozenBN); if
-    ``cfg.MODEL.RETINANET.NORM`` gives per-level norms, the FrozenBN layers of RetinaNet's head
-    become per-level lists, as conversion makes them; with ``fold=True`` the folded structure of
-    :func:`~smallbn_d2.deploy.fold_frozen_bn` (parameter values are placeholders until the
-    checkpoint is loaded). Weights are not loaded; no data is read; the model is in eval mode on
-    ``cfg.MODEL.DEVICE``.
+    The model of :func:`frozen_bn_config`, with the per-level FrozenBN lists of RetinaNet's head
+    where its norm is per level, and with ``fold=True`` the structure of
+    :func:`~smallbn_d2.deploy.fold_frozen_bn`. Reads no data.
 
     Args:
-        cfg: the training config of the converted model (with smallbn_d2's keys), or its
-            LazyConfig (built on ``cfg.train.device``).
+        cfg: the training config (YAML, with smallbn_d2's keys, built on ``MODEL.DEVICE``; or a
+            LazyConfig, built on ``train.device``).
         fold: whether the checkpoint was converted with ``fold=True``.
-    Returns:
-        the model.
     """
     model = build_training_model(frozen_bn_config(cfg))
     if is_lazy_config(cfg):
@@ -178,18 +142,15 @@ def build_inference_model(cfg: Any, fold: bool = False) -> nn.Module:
 
 
 def load_inference_model(cfg: Any, weights: str, fold: Optional[bool] = None) -> nn.Module:
-    """Build :func:`build_inference_model` and load a converted checkpoint into it, strictly.
+    """:func:`build_inference_model` of the training config ``cfg``, with the converted checkpoint
+    ``weights`` loaded strictly; in eval mode.
 
-    Args:
-        cfg: the training config of the converted model (YAML ``CfgNode`` or LazyConfig).
-        weights: path of the converted checkpoint.
-        fold: whether it is folded; None reads it from the checkpoint's metadata (written by
-            :func:`smallbn_d2.checkpoint.save_inference_checkpoint`).
-    Returns:
-        the model in eval mode.
+    ``fold`` None reads whether it is folded from the checkpoint's metadata
+    (:func:`smallbn_d2.checkpoint.save_inference_checkpoint`).
+
     Raises:
         ValueError: ``fold`` is None and the checkpoint has no conversion metadata.
-        IncompatibleCheckpointError: missing or unexpected keys.
+        IncompatibleCheckpointError: missing, unexpected or mis-shaped keys.
     """
     if fold is None:
         meta = read_conversion_metadata(weights)
