@@ -1,27 +1,9 @@
-"""Freezing of normalization statistics for the last part of training.
+"""Freezing of normalization statistics for the last part of training (``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER``).
 
-Source: Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021), Sec. 4 (train-test
-inconsistency; using population statistics, i.e. FrozenBN, in the last iterations of training
-removes it); METHODS.md, last section. Config: ``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER`` (-1: off).
-
-Mechanism. Every normalization layer that keeps population statistics already has a "frozen"
-mode that normalizes with them and updates nothing: its eval mode. So freezing puts exactly
-those layers in eval mode while the rest of the model trains:
-
-* CBN / NaiveCBN (eval: BN with ``running_mean``/``running_var``), MABN (eval:
-  ``gamma * x / sqrt(running_chi2 + eps) + beta``) and torch BN (``nn.BatchNorm1d/2d/3d``,
-  ``nn.SyncBatchNorm``, Detectron2's ``BatchNorm2d``/``NaiveSyncBatchNorm``; eval: running
-  statistics), inner layers of ``CycleBatchNormList`` included. gamma/beta stay parameters in
-  the autograd graph and keep training, as do the convs; no statistic, window, SMA buffer or
-  ``num_batches_tracked`` changes any more.
-* The producing conv of a frozen CBN layer is put in eval mode too (a conv computes the same in
-  both modes; in training mode it would keep capturing its input for the CBN window, holding
-  that activation until the next step).
-
-Flags are set on the modules themselves (``module.training = False``, not recursive), so
-``model.train()``, which Detectron2 calls e.g. after every evaluation, unfreezes them:
-:class:`smallbn_d2.engine.hooks.FreezeNormStatsHook` therefore re-applies the freeze before *every* step with
-``trainer.iter >= N``, which also makes it survive ``--resume`` at an iteration > N.
+Source: Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021), Sec. 4: population statistics
+(FrozenBN) in the last iterations remove the train-test inconsistency; docs/METHODS.md, last section.
+Freezing puts each layer holding population statistics in eval mode, which normalizes with them and
+updates nothing, while gamma/beta and the convs keep training.
 """
 from __future__ import annotations
 
@@ -41,15 +23,13 @@ def statistics_layers(model: nn.Module) -> List[nn.Module]:
 
 
 def freeze_norm_statistics(model: nn.Module) -> int:
-    """Make every CBN / NaiveCBN / MABN / BN layer of ``model`` use and keep its population
-    statistics (eval-mode normalization) while the model trains; see the module docstring.
+    """Put every layer of :func:`statistics_layers` (inner layers of ``CycleBatchNormList`` included)
+    and CBN's producing convs (which would otherwise keep capturing their inputs for the window) in
+    eval mode, non-recursively; returns the number of norm layers frozen.
 
-    Idempotent; ``model.train()`` undoes it.
-
-    Args:
-        model: any ``nn.Module`` (e.g. a Detectron2 model, possibly DDP-wrapped).
-    Returns:
-        the number of norm layers frozen (in eval mode after the call).
+    Idempotent. ``model.train()``, which Detectron2 calls after every evaluation, undoes it: hence
+    :class:`~smallbn_d2.engine.hooks.FreezeNormStatsHook` re-applies it before every step, which also
+    makes it survive ``--resume``.
     """
     layers = statistics_layers(model)
     for layer in layers:

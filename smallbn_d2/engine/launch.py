@@ -20,6 +20,7 @@ from detectron2.config import CfgNode
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 
 from ..config import ConfigValueError, norm_keys
+from ..layers.hyperparameters import INT_AT_LEAST_1
 
 __all__ = ["launch", "create_ddp_model", "install_cpu_ddp", "check_cpu_distributed"]
 
@@ -109,8 +110,7 @@ def launch(main_func: Callable, num_processes_per_machine: int, num_machines: in
 
         return d2_launch(main_func, num_processes_per_machine, num_machines=num_machines, machine_rank=machine_rank,
                          dist_url=dist_url, args=args, timeout=timeout)
-    if not isinstance(num_processes_per_machine, int) or num_processes_per_machine < 1:
-        raise ValueError(f"num_processes_per_machine = {num_processes_per_machine!r} is invalid; allowed: an integer >= 1")
+    INT_AT_LEAST_1.check(num_processes_per_machine, "num_processes_per_machine")
     world_size = num_machines * num_processes_per_machine
     if world_size == 1:
         return main_func(*args)

@@ -1,38 +1,16 @@
 """PreciseBN for CBN and MABN (and BN): population statistics recomputed with the final weights.
 
-Source: Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021), Sec. 3 (PreciseBN) and its
-appendix (population variance of small batches); METHODS.md, last section. Detectron2's
-``hooks.PreciseBN`` (``TEST.PRECISE_BN``) calls ``fvcore.nn.precise_bn.update_bn_stats``, which
-only sees ``nn.BatchNorm*`` layers; :func:`update_norm_stats` covers CBN, NaiveCBN and MABN too,
-in the same forward passes, and :class:`smallbn_d2.engine.hooks.PreciseNorm` is the hook that replaces Detectron2's.
+Source: Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021), Sec. 3 and appendix; docs/METHODS.md,
+last section, and docs/DEPLOY.md, "Related: population statistics during and after training". Per
+channel, over every position of every batch (float64, P positions): CBN ``running_mean = sum(x) / P``,
+``running_var = sum(x^2) / P - running_mean^2`` (fvcore's definition for BN, not the average of
+per-batch variances); MABN ``running_chi2 = sum(x^2) / P``; BN by fvcore's ``update_bn_stats``.
 
-Definition (per channel c, over every position (n, h, w) of every batch the layer saw during
-the ``num_iters`` forward passes, in float64; P = total number of positions):
-
-* CBN / NaiveCBN: ``running_mean = sum(x) / P`` and ``running_var = sum(x^2) / P - running_mean^2``,
-  the exact mean and (biased) variance of the pooled inputs. This is the definition fvcore's
-  ``update_bn_stats`` uses for BN (its ``_PopulationVarianceEstimator``: per-batch statistics
-  weighted by batch size, the Bessel correction undone), recommended by the paper's appendix for
-  small batches; it is *not* the average of per-batch variances (which omits the spread of the
-  batch means and is what the training-time EMA of CBN tracks).
-* MABN: ``running_chi2 = sum(x^2) / P``, the exact E[x^2] of the pooled inputs (for equal batch
-  sizes, the average of the per-batch E[x^2]).
-* BN (``nn.BatchNorm*``): handled by fvcore's ``update_bn_stats`` itself, unchanged.
-
-The statistics are read from the layers' inputs by forward hooks, not through the layers'
-training forward, whose cross-iteration state (CBN's window, MABN's SMA buffers, iteration tags)
-must not change: during the recompute each CBN/MABN layer runs its eval path (which writes no
-state) and a forward hook replaces its output by the normalization with the *current batch's*
-statistics: CBN as BN with the batch mean/variance (CBN with k = 1, its burn-in behaviour), MABN
-with the batch E[x^2] and r = 1 (its warm-up behaviour). This is what fvcore does for BN (the
-model runs in training mode, BN normalizes with batch statistics), so downstream layers see the
-features they would see in BN-style training. The producing convs of CBN layers are put in eval
-mode meanwhile, so that they do not capture their inputs for the window. Every mode flag is
-restored afterwards; only ``running_mean``/``running_var`` (CBN) and ``running_chi2`` (MABN)
-change.
-
-Only layers in training mode are recomputed (fvcore's rule), so layers whose statistics were
-frozen (:mod:`smallbn_d2.engine.freeze`) keep theirs.
+Forward hooks read the layers' inputs while each CBN/MABN layer runs its eval path (no state written:
+windows, SMA buffers and iteration tags stay) and replace its output by the normalization with the
+current batch's statistics (CBN with k = 1, MABN with r = 1), as BN does in fvcore's PreciseBN; CBN's
+producing convs are in eval mode meanwhile. Only layers in training mode are recomputed (fvcore's
+rule), so frozen layers (:mod:`.freeze`) keep theirs.
 """
 from __future__ import annotations
 
@@ -46,6 +24,7 @@ from fvcore.nn.precise_bn import get_bn_modules, update_bn_stats
 from torch import nn
 
 from ..layers import IterationNormBase
+from ..layers.hyperparameters import INT_AT_LEAST_1
 
 __all__ = ["update_norm_stats", "precise_norm_layers"]
 
@@ -54,8 +33,7 @@ logger = logging.getLogger(__name__)
 
 def precise_norm_layers(model: nn.Module) -> List[Tuple[str, IterationNormBase]]:
     """``(name, layer)`` of the CBN / NaiveCBN / MABN layers of ``model`` in training mode."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, IterationNormBase) and m.training]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, IterationNormBase) and m.training]
 
 
 class _Accumulator:
@@ -63,7 +41,6 @@ class _Accumulator:
 
     def __init__(self, layer: IterationNormBase):
         dev = next(layer.buffers()).device
-        self.layer = layer
         self.sum = torch.zeros(layer.num_features, dtype=torch.float64, device=dev)
         self.sum_sq = torch.zeros(layer.num_features, dtype=torch.float64, device=dev)
         self.count = 0
@@ -98,27 +75,20 @@ def _batch_normalize(layer: IterationNormBase, x: torch.Tensor, mean: torch.Tens
 @torch.no_grad()
 def update_norm_stats(model: nn.Module, data_loader: Iterable[Any], num_iters: int = 200,
                       progress: Optional[str] = None) -> Dict[str, int]:
-    """Recompute the population statistics of BN, CBN, NaiveCBN and MABN layers (PreciseBN).
-
-    Runs ``model(inputs)`` for ``num_iters`` items of ``data_loader`` (one pass for all layer
-    types) inside a throw-away ``EventStorage``; see the module docstring for the exact
-    statistics and for what the CBN/MABN layers compute meanwhile. Only layers in training mode
-    are updated (put the model in training mode, as Detectron2's trainer has it).
+    """Recompute the population statistics of the BN, CBN, NaiveCBN and MABN layers of ``model`` in
+    training mode (module docstring), from ``model(inputs)`` for ``num_iters`` items of
+    ``data_loader``, in one pass inside a throw-away ``EventStorage``.
 
     Args:
-        model: e.g. a Detectron2 model in training mode (inputs: lists of dataset dicts).
-        data_loader: an iterable with at least ``num_iters`` items.
-        num_iters: number of forward passes (iterations, each one batch), integer >= 1.
+        num_iters: forward passes (batches), integer >= 1.
         progress: None or "tqdm" (passed to fvcore).
     Returns:
-        ``{layer name: P}``, the number of positions (N x H x W summed over all batches) each
-        CBN/MABN layer's statistics are computed from. A layer that saw no input keeps its
-        statistics (P = 0, logged as a warning).
+        ``{layer name: P}``, the positions (N x H x W over all batches) each CBN/MABN layer's statistics
+        come from; a layer that saw no input keeps its statistics (P = 0, a warning).
     Raises:
         ValueError: ``num_iters`` < 1, or ``data_loader`` ended before ``num_iters`` items.
     """
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
-        raise ValueError(f"num_iters = {num_iters!r} is invalid; allowed: an integer >= 1")
+    INT_AT_LEAST_1.check(num_iters, "num_iters")
     layers = precise_norm_layers(model)
     has_bn = len(get_bn_modules(model)) > 0
     if not layers and not has_bn:

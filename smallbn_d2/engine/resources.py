@@ -1,13 +1,7 @@
-"""Record what a run costs, for ``tools/compare_runs.py``: peak memory and inference time.
-
-Detectron2 v0.6 logs ``max_mem`` only on CUDA and reports inference speed only as a log line.
-This module stores both where a comparison can read them back:
-
-* :class:`smallbn_d2.engine.hooks.PeakMemoryHook` puts the process's peak memory in MB into the event storage after
-  every step, so that it lands in ``metrics.json`` next to the losses;
-* :class:`InferenceTimer` times the model's forward calls during evaluation and
-  :func:`append_inference_time` appends the result to ``OUTPUT_DIR/inference/inference_time.json``
-  (one JSON object per line, like ``metrics.json``).
+"""What a run costs, recorded for ``tools/compare_runs.py`` (Detectron2 v0.6 logs peak memory only on
+CUDA and inference speed only as a log line): :class:`~smallbn_d2.engine.hooks.PeakMemoryHook` puts the
+peak memory in ``metrics.json``; :class:`InferenceTimer` and :func:`append_inference_time` write
+s/image to ``OUTPUT_DIR/inference/inference_time.json`` (one JSON object per line).
 """
 from __future__ import annotations
 
@@ -21,14 +15,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = [
-    "CUDA_PEAK_KEY",
-    "RSS_PEAK_KEY",
-    "INFERENCE_TIME_FILE",
-    "peak_memory_mb",
-    "InferenceTimer",
-    "append_inference_time",
-]
+__all__ = ["CUDA_PEAK_KEY", "RSS_PEAK_KEY", "INFERENCE_TIME_FILE", "peak_memory_mb", "InferenceTimer",
+           "append_inference_time"]
 
 #: metrics.json key of the peak GPU memory allocated by tensors (torch.cuda.max_memory_allocated,
 #: the number Detectron2 logs as ``max_mem``), in MB (2**20 bytes).
@@ -40,15 +28,9 @@ INFERENCE_TIME_FILE = os.path.join("inference", "inference_time.json")
 
 
 def peak_memory_mb(device: torch.device | str) -> Tuple[str, float]:
-    """The peak memory of this process so far, and the metrics key it is stored under.
-
-    Args:
-        device: the model's device. On CUDA: ``torch.cuda.max_memory_allocated(device)`` (tensor
-            memory, as Detectron2's ``max_mem``); otherwise the peak resident set size of the
-            whole process (``resource.getrusage``; KB on Linux, bytes on macOS).
-    Returns:
-        ``(CUDA_PEAK_KEY or RSS_PEAK_KEY, megabytes)`` with 1 MB = 2**20 bytes.
-    """
+    """The peak memory of this process so far in MB (2**20 bytes), and its metrics key: on CUDA,
+    ``torch.cuda.max_memory_allocated`` (tensor memory, Detectron2's ``max_mem``; :data:`CUDA_PEAK_KEY`),
+    otherwise the process's peak resident set size (``getrusage``; :data:`RSS_PEAK_KEY`)."""
     device = torch.device(device)
     if device.type == "cuda":
         return CUDA_PEAK_KEY, torch.cuda.max_memory_allocated(device) / 2**20
@@ -57,18 +39,11 @@ def peak_memory_mb(device: torch.device | str) -> Tuple[str, float]:
 
 
 class InferenceTimer:
-    """Context manager timing the forward calls of ``model`` (s/image), e.g. around
-    ``DefaultTrainer.test``.
+    """Context manager timing the forward calls of ``model`` (possibly DDP-wrapped) in eval mode, e.g.
+    around ``DefaultTrainer.test``: each call (after ``torch.cuda.synchronize`` on CUDA) and the images
+    of its input (a list of dataset dicts). As ``inference_on_dataset``'s "pure compute time", the first
+    ``min(warmup_calls, calls - 1)`` calls are left out (Detectron2: 5); data loading is not timed.
 
-    Forward pre- and post-hooks on ``model`` measure each call (after ``torch.cuda.synchronize``
-    on CUDA, as Detectron2's ``inference_on_dataset``) and count the images of its input (a list
-    of dataset dicts, Detectron2's model input). As in ``inference_on_dataset``'s "pure compute
-    time", the first ``min(warmup_calls, calls - 1)`` calls are left out; data loading and
-    evaluation are not timed.
-
-    Args:
-        model: the model given to ``inference_on_dataset`` (possibly DDP-wrapped).
-        warmup_calls: calls left out at the start (Detectron2: 5).
     Raises:
         ValueError: ``warmup_calls`` < 0.
     """
@@ -132,15 +107,10 @@ class InferenceTimer:
 
 def append_inference_time(output_dir: str, timer: InferenceTimer, datasets: Sequence[str],
                           device: str, world_size: int = 1, iteration: Optional[int] = None) -> Optional[dict]:
-    """Append the timer's result as one JSON line to ``output_dir``/:data:`INFERENCE_TIME_FILE`.
+    """Append a finished ``timer``'s result as one JSON line to ``output_dir``/:data:`INFERENCE_TIME_FILE`
+    (folders created), with ``datasets`` (``cfg.DATASETS.TEST``), ``device``, ``world_size`` (each
+    process times its own share of the images) and the trainer ``iteration`` (None outside training).
 
-    Args:
-        output_dir: the run's OUTPUT_DIR (created if missing).
-        timer: a finished :class:`InferenceTimer`.
-        datasets: names of the evaluated datasets (``cfg.DATASETS.TEST``).
-        device: ``cfg.MODEL.DEVICE``.
-        world_size: number of processes (each times its own share of the images).
-        iteration: the trainer iteration of the evaluation, None outside training.
     Returns:
         the record written (keys ``iteration``, ``datasets``, ``images``, ``seconds_per_image``,
         ``device``, ``world_size``), or None when no image was timed (nothing is written).

@@ -1,4 +1,4 @@
-"""The Detectron2 trainer of smallbn_d2."""
+"""The Detectron2 trainer of smallbn_d2 (docs/TRAINING.md)."""
 from __future__ import annotations
 
 import logging
@@ -14,13 +14,13 @@ from fvcore.nn.precise_bn import get_bn_modules
 
 from ..checkpoint import NormCheckpointer
 from ..compat import inner_trainer, registered_hooks
-from ..config import cbn_burn_in_iters, norm_keys, resolve_burn_in, scale_norm_iterations
+from ..config import cbn_burn_in_iters, config_with, norm_keys, resolve_burn_in, scale_norm_iterations
 from ..modeling import NORM_FAMILIES, build_model
 from .grad_clip import build_optimizer_with_clipping
 from .hooks import AveragePopulationStatistics, FreezeNormStatsHook, NormIterationHook, PeakMemoryHook, PreciseNorm
+from .precise_norm import precise_norm_layers
 from .resources import InferenceTimer, append_inference_time
 from .syncbn import warn_single_process_syncbn
-from .precise_norm import precise_norm_layers
 
 __all__ = ["Trainer", "training_set_size", "uses_cbn"]
 
@@ -33,8 +33,8 @@ def uses_cbn(cfg) -> bool:
 
 
 def training_set_size(cfg) -> int:
-    """Number of training images of ``cfg.DATASETS.TRAIN`` after Detectron2's filtering (the
-    dicts its training loader uses), for a burn-in given in epochs."""
+    """Number of training images of ``cfg.DATASETS.TRAIN`` after Detectron2's filtering (the dicts its
+    training loader uses), for a burn-in given in epochs."""
     from detectron2.data import get_detection_dataset_dicts
 
     dicts = get_detection_dataset_dicts(
@@ -47,35 +47,20 @@ def training_set_size(cfg) -> int:
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with smallbn_d2's model building, hooks and COCO evaluation.
+    """``DefaultTrainer`` with smallbn_d2's model, hooks, checkpointer and COCO evaluation.
 
-    * :meth:`build_model`: :func:`smallbn_d2.build_model` (layers built with the hyperparameters of
-      ``cfg.MODEL.CBN``/``cfg.MODEL.MABN``, wired to their producing convs). A CBN burn-in given in
-      epochs is converted to iterations first, with the training set size
-      (:func:`training_set_size`; the only place that reads the dataset for it), and one until the
-      first learning-rate step (``MODEL.CBN.BURN_IN_UNTIL_LR_STEP``) becomes ``SOLVER.STEPS[0]``
-      after the steps are rescaled for the number of GPUs.
-    * :meth:`build_hooks`: :class:`NormIterationHook` first, then freezing of the norm
-      statistics (``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER``), then Detectron2's default hooks
-      with PreciseBN covering CBN and MABN (:class:`PreciseNorm`).
-    * Run records for ``tools/compare_runs.py``: peak memory in ``metrics.json`` every step
-      (:class:`~smallbn_d2.engine.hooks.PeakMemoryHook`) and inference s/image from :meth:`test`;
-      a warning when SyncBN runs in a single process (it is then plain BN).
-    * :meth:`build_evaluator`: ``COCOEvaluator`` (box AP, and mask AP when ``MODEL.MASK_ON``),
-      writing ``inference/coco_instances_results.json`` (``inference/<dataset>/...`` when
-      ``DATASETS.TEST`` names several datasets). Without Detectron2's compiled ``_C`` the
-      environment's start-up module makes every ``COCOEvaluator`` use pycocotools' COCOeval
-      (same numbers, slower).
-    * ``self.checkpointer`` is a :class:`smallbn_d2.checkpoint.NormCheckpointer`: it loads BN /
-      FrozenBN checkpoints into CBN/MABN models and refuses mis-shaped CBN/MABN state with a
-      clear error (saving is Detectron2's).
-    * :meth:`state_dict` includes the optimizer state (Detectron2 v0.6 omits it), so that
-      ``--resume`` is exact.
+    * The norms' iteration counts are rescaled with Detectron2's schedule for the number of GPUs, and
+      a CBN burn-in in epochs (with :func:`training_set_size`) or until the first LR step becomes
+      iterations (:func:`~smallbn_d2.config.resolve_burn_in`).
+    * :meth:`build_model` is :func:`smallbn_d2.build_model`; :meth:`build_hooks` adds smallbn_d2's hooks;
+      :meth:`build_optimizer` adds ``CLIP_TYPE: "full_model"``; :meth:`test` records s/image.
+    * ``self.checkpointer`` is a :class:`~smallbn_d2.checkpoint.NormCheckpointer` (loading across norms,
+      clear shape errors), and :meth:`state_dict` holds the optimizer state, so ``--resume`` is exact.
+    * A warning when SyncBN runs in a single process (it is then plain BN).
     """
 
     def __init__(self, cfg):
-        # Detectron2 rescales its own schedule for the number of GPUs (SOLVER.REFERENCE_WORLD_SIZE)
-        # and the norms' burn-in/warm-ups must follow (smallbn_d2.config.scale_norm_iterations).
+        # Detectron2 rescales its own schedule for the number of GPUs; the norms' counts follow.
         cfg = scale_norm_iterations(cfg, comm.get_world_size())
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())  # what super() does; idempotent
         if uses_cbn(cfg) and cfg.MODEL.CBN.BURN_IN_ITERS is None:  # epochs, or until the first LR step
@@ -86,9 +71,9 @@ class Trainer(DefaultTrainer):
             if isinstance(hook, d2_hooks.PeriodicCheckpointer):
                 hook.checkpointer = self.checkpointer
 
-    # Detectron2 v0.6's DefaultTrainer checkpoints only the iteration and the hooks (LR
-    # scheduler): the optimizer state (SGD momentum buffers; AMP's grad scaler) was lost on
-    # --resume. It is saved under "_trainer", as later Detectron2 versions do.
+    # Detectron2 v0.6's DefaultTrainer checkpoints only the iteration and the hooks: the optimizer
+    # state (SGD momentum; AMP's grad scaler) was lost on --resume. Saved under "_trainer", as later
+    # Detectron2 versions do.
     def state_dict(self):
         """Detectron2's trainer state plus ``"_trainer"``: the optimizer (and grad scaler) state."""
         ret = super().state_dict()
@@ -96,8 +81,8 @@ class Trainer(DefaultTrainer):
         return ret
 
     def load_state_dict(self, state_dict):
-        """Inverse of :meth:`state_dict`; a checkpoint without ``"_trainer"`` (written by plain
-        Detectron2 v0.6) restores everything but the optimizer state, with a warning."""
+        """Inverse of :meth:`state_dict`; without ``"_trainer"`` (plain Detectron2 v0.6) the optimizer
+        starts afresh, with a warning."""
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
             inner_trainer(self).load_state_dict(state_dict["_trainer"])
@@ -107,8 +92,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        """Detectron2's optimizer; ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: "full_model"`` clips the norm of
-        all gradients together, as mmdetection's ``grad_clip`` (:mod:`smallbn_d2.engine.grad_clip`)."""
+        """Detectron2's optimizer, and ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: "full_model"`` (:mod:`.grad_clip`)."""
         return build_optimizer_with_clipping(cfg, model, super().build_optimizer)
 
     @classmethod
@@ -120,7 +104,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """``DefaultTrainer.test``, also timing the model's forward calls: s/image is appended to
+        """``DefaultTrainer.test``, appending s/image of the model's forward calls to
         ``OUTPUT_DIR/inference/inference_time.json`` (:class:`~smallbn_d2.engine.resources.InferenceTimer`)."""
         with InferenceTimer(model) as timer:
             results = super().test(cfg, model, evaluators)
@@ -135,9 +119,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """``COCOEvaluator`` writing to ``output_folder``, by default ``OUTPUT_DIR/inference`` when
-        ``DATASETS.TEST`` has one dataset and ``OUTPUT_DIR/inference/<dataset_name>`` when it has
-        several (so that the second test set's results do not replace the first's)."""
+        """``COCOEvaluator`` writing to ``output_folder``, by default ``OUTPUT_DIR/inference``, and
+        ``OUTPUT_DIR/inference/<dataset_name>`` when ``DATASETS.TEST`` has several datasets."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
             if len(cfg.DATASETS.TEST) > 1:
@@ -145,30 +128,20 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, output_dir=output_folder)
 
     def build_hooks(self):
-        """:class:`NormIterationHook` first, then :class:`FreezeNormStatsHook` (when
-        ``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER >= 0``), then Detectron2's default hooks, with
-        Detectron2's ``PreciseBN`` (BN only) replaced by :class:`PreciseNorm` (BN, CBN, NaiveCBN,
-        MABN) at the same place and with the same keys (``TEST.PRECISE_BN.ENABLED``/``NUM_ITER``,
-        period ``TEST.EVAL_PERIOD``), and :class:`AveragePopulationStatistics` after it, before the
-        checkpointer and the evaluation (periods ``SOLVER.CHECKPOINT_PERIOD``, ``TEST.EVAL_PERIOD``
-        and the last iteration): with several processes, the model saved and evaluated is one."""
+        """:class:`NormIterationHook`, :class:`PeakMemoryHook` and :class:`FreezeNormStatsHook` (when
+        ``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER >= 0``) first, then Detectron2's hooks with its PreciseBN
+        replaced by :class:`PreciseNorm` at the same place (same keys), and
+        :class:`AveragePopulationStatistics` before the checkpointer and the evaluation."""
         cfg = self.cfg
         precise = cfg.TEST.PRECISE_BN.ENABLED
-        if precise:  # build Detectron2's hooks without its PreciseBN (and without its loader)
-            self.cfg = cfg.clone()
-            self.cfg.defrost()
-            self.cfg.TEST.PRECISE_BN.ENABLED = False
-            self.cfg.freeze()
+        self.cfg = config_with(cfg, {"TEST.PRECISE_BN.ENABLED": False})  # Detectron2's hooks without PreciseBN
         try:
             ret = super().build_hooks()
         finally:
             self.cfg = cfg
         if precise and (get_bn_modules(self.model) or precise_norm_layers(self.model)):
-            loader_cfg = cfg.clone()
-            loader_cfg.defrost()
-            loader_cfg.DATALOADER.NUM_WORKERS = 0  # as Detectron2 does for PreciseBN
-            hook = PreciseNorm(cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(loader_cfg),
-                               cfg.TEST.PRECISE_BN.NUM_ITER)
+            loader = self.build_train_loader(config_with(cfg, {"DATALOADER.NUM_WORKERS": 0}))  # as Detectron2's
+            hook = PreciseNorm(cfg.TEST.EVAL_PERIOD, self.model, loader, cfg.TEST.PRECISE_BN.NUM_ITER)
             after = [i for i, h in enumerate(ret) if isinstance(h, d2_hooks.LRScheduler)]
             ret.insert(after[0] + 1 if after else 0, hook)  # before checkpointer and evaluation
         at = [i for i, h in enumerate(ret) if isinstance(h, (d2_hooks.PeriodicCheckpointer, d2_hooks.EvalHook))]
