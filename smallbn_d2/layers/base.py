@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..compat import tensor_version
-from .hyperparameters import INT_AT_LEAST_1, POSITIVE, Range
+from .hyperparameters import INT_AT_LEAST_0, INT_AT_LEAST_1, POSITIVE, Range
 
 __all__ = ["IterationNormBase", "NormNotWiredError"]
 
@@ -74,9 +74,7 @@ class IterationNormBase(nn.Module):
         """
         if isinstance(iteration, torch.Tensor):
             iteration = int(iteration)
-        if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
-            raise ValueError(f"iteration = {iteration!r} is invalid; allowed: an integer >= 0")
-        self.iteration = iteration
+        self.iteration = INT_AT_LEAST_0.check(iteration, "iteration")
 
     #: Training steps (producing-conv weight updates) at one unchanged iteration before an error.
     STALE_STEPS_ALLOWED: ClassVar[int] = 1

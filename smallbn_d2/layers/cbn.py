@@ -90,10 +90,7 @@ class _CBNNormalize(torch.autograd.Function):
             grad_y = grad_y.to(x.dtype)
         # its weight / bias gradients are sum(g xhat), sum(g) whatever the weight
         gamma = None if weight is None else weight.to(invstd.dtype)
-        if ctx.batch_only:
-            scaled = gamma
-        else:
-            scaled = coef if gamma is None else coef * gamma
+        scaled = gamma if ctx.batch_only else (coef if gamma is None else coef * gamma)
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad_y, x, scaled, None, None, mu_bar, invstd, True, ctx.eps,
             [need_x, weight is not None and need_w, ctx.bias_dtype is not None and need_b])
@@ -289,8 +286,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.to(cdt)
             if self.grad_mode == "closed_form":
-                # Fast path: statistics without autograd, then one fused normalization whose
-                # backward is BatchNorm's (see _CBNNormalize).
+                # statistics without autograd, one fused normalization with BatchNorm's backward
                 var_t, mu_t = _batch_stats(xf)
                 with torch.no_grad():
                     if k > 1:
@@ -302,8 +298,7 @@ class CrossIterationBatchNorm2d(IterationNormBase):
                 b = None if self.bias is None else self.bias.to(cdt)
                 y = _CBNNormalize.apply(xf, w, b, mu_bar, var_bar, coef, self.eps, k == 1).to(x.dtype)
             else:
-                # Reference path (the released code's approach): statistics, window average and
-                # normalization through autograd ops.
+                # the released code's approach: statistics and normalization through autograd ops
                 var_t, mu_t = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
                 if k > 1:
                     mu_bar, var_bar, _ = self._window_statistics(t, mu_t, var_t, cdt)

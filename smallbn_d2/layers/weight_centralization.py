@@ -72,14 +72,11 @@ def _register_hooks(conv: nn.Module) -> None:
         conv._register_load_state_dict_pre_hook(_load_weight_from_plain_name, with_module=True)
 
 
-def _is_our_hook(hook, fn) -> bool:
-    return hook is fn or getattr(hook, "hook", None) is fn  # the load pre-hook is wrapped
-
-
 def _remove_hooks(conv: nn.Module) -> None:
     for hooks, fn in ((conv._state_dict_hooks, _save_weight_under_plain_name),
                       (conv._load_state_dict_pre_hooks, _load_weight_from_plain_name)):
-        for key in [k for k, h in hooks.items() if _is_our_hook(h, fn)]:
+        # the load pre-hook is stored wrapped, its function as .hook
+        for key in [k for k, h in hooks.items() if h is fn or getattr(h, "hook", None) is fn]:
             del hooks[key]
 
 
