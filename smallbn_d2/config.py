@@ -19,7 +19,7 @@ from .layers.hyperparameters import BOOLEAN, INT_AT_LEAST_0, Range, optional
 
 __all__ = ["add_smallbn_config", "validate_smallbn_config", "scale_norm_iterations", "ConfigValueError",
            "MissingConfigError", "norm_keys", "walk_config", "config_with", "cbn_burn_in_iters", "resolve_burn_in",
-           "FREEZE_ITER"]
+           "EPOCHS", "IMAGES", "FREEZE_ITER"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,18 +76,20 @@ def add_smallbn_config(cfg: CN) -> CN:
     return cfg
 
 
-def _number_at_least_0(v) -> bool:
-    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-#: ``MODEL.SMALLBN.FREEZE_NORM_STATS_ITER`` and the LazyConfig field ``smallbn.freeze_norm_stats_iter``.
-FREEZE_ITER = Range("-1 (never) or an integer >= 0 (trainer iteration)",
-                    lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1)
-_DATASET_SIZE = Range("an integer >= 0 (images)", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+#: Ranges of the values in epochs, in images and of the first iteration with frozen statistics, shared
+#: by the YAML keys and the LazyConfig helpers (:mod:`smallbn_d2.lazy`).
+EPOCHS = Range("a finite number >= 0 (epochs)", lambda v: isinstance(v, Real) and not isinstance(v, bool)
+               and math.isfinite(v) and v >= 0, float)
+IMAGES = Range("an integer >= 0 (images)", lambda v: _is_int(v) and v >= 0)
+FREEZE_ITER = Range("-1 (never) or an integer >= 0 (trainer iteration)", lambda v: _is_int(v) and v >= -1)
 #: Keys that are not constructor arguments one to one, with their ranges.
 _OTHER_KEYS = {
     "MODEL.CBN.BURN_IN_ITERS": optional(INT_AT_LEAST_0, "not set"),
-    "MODEL.CBN.BURN_IN_EPOCHS": optional(Range("a number >= 0 (epochs)", _number_at_least_0, float), "not set"),
+    "MODEL.CBN.BURN_IN_EPOCHS": optional(EPOCHS, "not set"),
     "MODEL.CBN.BURN_IN_UNTIL_LR_STEP": BOOLEAN,
     "MODEL.MABN.HEAD_WARMUP_ITERS": MovingAverageBatchNorm2d.HYPERPARAMETERS["warmup_iters"],
     "MODEL.SMALLBN.FREEZE_NORM_STATS_ITER": FREEZE_ITER,
@@ -197,7 +199,7 @@ def cbn_burn_in_iters(cfg: CN, dataset_size: Optional[int] = None) -> Optional[i
     if dataset_size is None:
         return None
     try:
-        _DATASET_SIZE.check(dataset_size, "dataset_size")
+        IMAGES.check(dataset_size, "dataset_size")
     except ValueError as e:
         raise ConfigValueError(str(e)) from None
     return int(round(epochs * dataset_size / cfg.SOLVER.IMS_PER_BATCH))

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import os
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
-from .config import FREEZE_ITER
-from .layers.hyperparameters import BOOLEAN, INT_AT_LEAST_1, Range
+from .config import EPOCHS, FREEZE_ITER, IMAGES
+from .layers.hyperparameters import BOOLEAN, INT_AT_LEAST_0, INT_AT_LEAST_1
 from .modeling import NORM_FAMILIES, norm_hyperparameters, place_norms, prepare_norms
 
 __all__ = ["SMALLBN_KEYS", "model_zoo_config", "mask_rcnn_fpn_1x_with_norm", "burn_in_iterations",
@@ -32,16 +31,6 @@ logger = logging.getLogger(__name__)
 #: ``train.eval_period``), ``freeze_norm_stats_iter`` (first iteration with frozen statistics; -1: never).
 SMALLBN_KEYS = ("norms", "head_norms", "precise_norm", "freeze_norm_stats_iter")
 _PRECISE_NORM_KEYS = ("enabled", "num_iter")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-_EPOCHS = Range("a finite number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                and math.isfinite(v) and v >= 0)
-_IMAGES = Range("an integer >= 0 (images)", lambda v: _is_int(v) and v >= 0)
-_NUM_ITER = Range("an integer >= 1 (iterations)", lambda v: _is_int(v) and v >= 1)
 
 
 def model_zoo_config(path: str):
@@ -82,30 +71,26 @@ def mask_rcnn_fpn_1x_with_norm(norm: str):
 
 
 def burn_in_iterations(epochs: float, num_images: int, images_per_iteration: int) -> int:
-    """A CBN burn-in in epochs as trainer iterations, ``round(epochs * num_images / images_per_iteration)``,
-    for ``smallbn.norms.CBN.burn_in`` (the YAML trainer's conversion of ``MODEL.CBN.BURN_IN_EPOCHS``).
+    """A CBN burn-in in epochs (the CBN paper: 3 on COCO) as trainer iterations for
+    ``smallbn.norms.CBN.burn_in``: ``round(epochs * num_images / images_per_iteration)``, the YAML
+    trainer's conversion. ``num_images``: training images after Detectron2's filtering (COCO train2017:
+    117266); ``images_per_iteration``: over all GPUs (``dataloader.train.total_batch_size``).
 
-    Args:
-        epochs: a finite number >= 0 (the CBN paper: 3 on COCO).
-        num_images: training images after Detectron2's filtering (COCO train2017: 117266), integer >= 0.
-        images_per_iteration: over all GPUs (``dataloader.train.total_batch_size``), integer >= 1.
     Raises:
         ValueError: a value outside these ranges (the message names it).
     """
-    _EPOCHS.check(epochs, "epochs")
-    _IMAGES.check(num_images, "num_images")
+    EPOCHS.check(epochs, "epochs")
+    IMAGES.check(num_images, "num_images")
     INT_AT_LEAST_1.check(images_per_iteration, "images_per_iteration")
     return int(round(epochs * num_images / images_per_iteration))
 
 
 def burn_in_until_first_lr_step(lr_multiplier) -> int:
     """The first learning-rate step in iterations, for ``smallbn.norms.CBN.burn_in`` (the YAML key
-    ``MODEL.CBN.BURN_IN_UNTIL_LR_STEP``; docs/REPRODUCE.md#burn-in-until-the-first-learning-rate-step).
-
-    Reads the config's ``lr_multiplier`` node (not instantiated): a ``WarmupParamScheduler`` whose
-    ``scheduler`` is a ``MultiStepParamScheduler``, as in Detectron2's ``common/coco_schedule.py``, or
-    the latter itself (a ``LazyCall`` node or a dict). Without ``num_updates`` the last milestone is
-    the end of training (fvcore's convention), not a step.
+    ``MODEL.CBN.BURN_IN_UNTIL_LR_STEP``; docs/REPRODUCE.md#burn-in-until-the-first-learning-rate-step),
+    from the config's ``lr_multiplier`` node: a ``WarmupParamScheduler`` of a ``MultiStepParamScheduler``
+    (Detectron2's ``common/coco_schedule.py``) or the latter itself. Without ``num_updates`` the last
+    milestone is the end of training (fvcore's convention), not a step.
 
     Raises:
         ValueError: no milestone before the end of training, or not integers >= 0.
@@ -119,7 +104,7 @@ def burn_in_until_first_lr_step(lr_multiplier) -> int:
     steps = [] if milestones is None else list(milestones)
     if field(node, "num_updates") is None:  # fvcore: the last milestone is then the end of training
         steps = steps[:-1]
-    if not steps or not all(_is_int(v) and v >= 0 for v in steps):
+    if not steps or not all(INT_AT_LEAST_0.test(v) for v in steps):
         raise ValueError(
             f"lr_multiplier has no learning-rate step: milestones = {milestones!r} (num_updates = "
             f"{field(node, 'num_updates')!r}); allowed: "
@@ -185,15 +170,11 @@ def check_norm_arguments(norms: Optional[Mapping[str, Mapping[str, Any]]],
 
 def build_lazy_model(model: Any, norms: Optional[Mapping[str, Mapping[str, Any]]] = None,
                      head_norms: Optional[Mapping[str, Mapping[str, Any]]] = None) -> nn.Module:
-    """Instantiate a lazy model node (``cfg.model``) with CBN/MABN hyperparameters in force, then wire
-    the layers: the steps of :func:`smallbn_d2.build_model` (``norm_hyperparameters``, ``place_norms``,
-    ``prepare_norms``). ``model`` is not changed; no data is read.
+    """Instantiate a lazy model node (``cfg.model``, not changed) with the hyperparameters ``norms``
+    (``cfg.smallbn.norms``) and ``head_norms`` (inside the heads) in force, then wire the layers: the
+    steps of :func:`smallbn_d2.build_model`. Reads no data; the model is on the CPU unless the node
+    places it elsewhere.
 
-    Args:
-        norms: ``cfg.smallbn.norms``; names and arguments not given keep the layers' defaults.
-        head_norms: ``cfg.smallbn.head_norms``, what differs inside the heads (e.g. MABN's ``warmup_iters``).
-    Returns:
-        the model (on the CPU unless the lazy config places it elsewhere).
     Raises:
         TypeError: ``model`` is no lazy node (with ``_target_``) or builds no ``nn.Module``; or as
             :func:`check_norm_arguments`.
@@ -243,7 +224,7 @@ def check_smallbn_field(cfg) -> Dict[str, Any]:
         "norms": check_norm_arguments(field.get("norms"), "smallbn.norms"),
         "head_norms": check_norm_arguments(field.get("head_norms"), "smallbn.head_norms"),
         "precise_norm": {"enabled": BOOLEAN.check(precise.get("enabled", False), "smallbn.precise_norm.enabled"),
-                         "num_iter": _NUM_ITER.check(precise.get("num_iter", 200), "smallbn.precise_norm.num_iter")},
+                         "num_iter": INT_AT_LEAST_1.check(precise.get("num_iter", 200), "smallbn.precise_norm.num_iter")},
         "freeze_norm_stats_iter": FREEZE_ITER.check(field.get("freeze_norm_stats_iter", -1),
                                                     "smallbn.freeze_norm_stats_iter"),
     }
@@ -287,19 +268,12 @@ def do_test(cfg, model: nn.Module) -> Optional[dict]:
 
 
 def do_train(cfg, resume: bool = False) -> None:
-    """Detectron2's LazyConfig training loop (``SimpleTrainer`` or ``AMPTrainer``, the ``train.*`` keys of
-    Detectron2's ``common/train.py``) with smallbn_d2's norms: the model of
-    :func:`build_model_from_lazy_config` (``cfg.optimizer.params.model`` set to it), the
-    :class:`~smallbn_d2.checkpoint.NormCheckpointer`, and the hooks :func:`norm_hooks`, iteration timer,
-    LR scheduler, :class:`~smallbn_d2.engine.PreciseNorm` (``smallbn.precise_norm``, period
-    ``train.eval_period``), :class:`~smallbn_d2.engine.AveragePopulationStatistics`, checkpointer,
-    evaluation and writers.
-
-    Args:
-        resume: continue from the last checkpoint in ``train.output_dir`` (else load
-            ``train.init_checkpoint``, if any, and start at iteration 0).
-    Raises:
-        as :func:`build_model_from_lazy_config`.
+    """Detectron2's LazyConfig training loop (``train.*`` keys of its ``common/train.py``) with the model of
+    :func:`build_model_from_lazy_config`, a :class:`~smallbn_d2.checkpoint.NormCheckpointer`, and the hooks
+    :func:`norm_hooks`, iteration timer, LR scheduler, :class:`~smallbn_d2.engine.PreciseNorm`,
+    :class:`~smallbn_d2.engine.AveragePopulationStatistics`, checkpointer, evaluation and writers.
+    ``resume``: continue the run in ``train.output_dir``, else load ``train.init_checkpoint`` (if any).
+    Raises as :func:`build_model_from_lazy_config`.
     """
     from detectron2.config import instantiate
     from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
