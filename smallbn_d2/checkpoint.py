@@ -39,10 +39,8 @@ METADATA_KEY = "smallbn_d2_conversion"
 
 
 class NormStateShapeError(ValueError):
-    """A checkpoint entry of a CBN/MABN layer has another shape than the model's.
-
-    The message names the key, both shapes and the hyperparameter that sets the shape.
-    """
+    """A checkpoint entry of a CBN/MABN layer has another shape than the model's (the message names
+    the key, both shapes and the hyperparameter that sets the shape)."""
 
 
 class IncompatibleCheckpointError(RuntimeError):
@@ -60,34 +58,22 @@ def _own_entries(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, 
     return {k[n:]: v for k, v in state_dict.items() if k.startswith(prefix) and "." not in k[n:]}
 
 
-def _parent_prefix(name: str, modules: Dict[str, nn.Module]) -> Optional[str]:
-    """``parent.`` if ``name`` is a per-level layer inside a ``CycleBatchNormList``, else None."""
-    parent, _, last = name.rpartition(".")
-    if last.isdigit() and isinstance(modules.get(parent), CycleBatchNormList):
-        return parent + "."
-    return None
-
-
 def convert_norm_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module
                             ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Map a checkpoint trained with BN, SyncBN, FrozenBN, CBN or MABN onto ``model``'s CBN/MABN layers.
 
     Per CBN/MABN layer: gamma and beta (C,) load under their own names; missing population
     statistics come from BN's through the layer's ``population_state(E[x], E[x^2])``, with
-    E[x] = running_mean and E[x^2] = running_var + running_mean^2 in float64 (CBN keeps them as
-    they are; MABN's ``running_chi2`` is E[x^2], METHODS.md MABN items 1, 3, 6); a single norm
-    where the model has per-level layers (RetinaNet's head, ``CycleBatchNormList``) gives its
-    statistics to every level; cross-iteration state absent from the checkpoint is that of a
-    fresh layer (zeros, tags -1); another norm's entries are dropped. See docs/RELIABILITY.md
-    section 6.
+    E[x] = running_mean and E[x^2] = running_var + running_mean^2 in float64 (MABN's
+    ``running_chi2`` is E[x^2], METHODS.md MABN items 1, 3, 6); a single norm where the model has
+    per-level layers (RetinaNet's head) gives its statistics to every level; absent
+    cross-iteration state is a fresh layer's (zeros, tags -1); another norm's entries are
+    dropped. See docs/RELIABILITY.md section 6.
 
-    Args:
-        state_dict: key -> tensor, keys without a ``module.`` (DDP) prefix. Not modified.
-        model: the model to load into (a DDP wrapper is unwrapped), built with
-            :func:`smallbn_d2.build_model` (producing convs attached, so window shapes are final).
-    Returns:
-        ``(new_state_dict, notes)``: tensors shared with the input where unchanged, and one log
-        line per kind of mapping made.
+    ``state_dict`` (keys without a ``module.`` prefix) is not modified; ``model`` (DDP unwrapped)
+    is built by :func:`smallbn_d2.build_model`, its producing convs attached (final window shapes).
+    Returns ``(new_state_dict, notes)``: tensors shared where unchanged, one log line per kind of mapping.
+
     Raises:
         NormStateShapeError: an entry of a CBN/MABN layer has another shape than in the model
             (e.g. a CBN window of another k), which fvcore would skip with a warning.
@@ -113,7 +99,8 @@ def convert_norm_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Modul
                     "architecture (check MODEL.RESNETS/FPN/ROI_*_HEAD channel settings)")
                 raise NormStateShapeError(f"Checkpoint entry {key!r} has shape {shape} but the model's {kind} has "
                                           f"shape {tuple(value.shape)}: {hint}.")
-        parent = _parent_prefix(name, modules)
+        owner, _, last = name.rpartition(".")  # a per-level layer reads a single norm's entries of its list
+        parent = owner + "." if last.isdigit() and isinstance(modules.get(owner), CycleBatchNormList) else None
         sources = [p for p in (prefix, parent) if p is not None]
         mean, var = (next((sd[p + s] for p in sources if p + s in sd), None) for s in _BN_STATS)
         present = any(k.startswith(prefix) for k in sd) or (
@@ -182,20 +169,14 @@ def _without_cross_iteration_state(model: nn.Module) -> Iterator[None]:
 class NormCheckpointer(DetectionCheckpointer):
     """Detectron2's ``DetectionCheckpointer`` for CBN/MABN models, with the same constructor.
 
-    Loading: Detectron2's name matching for ``.pkl``/``.pyth`` model-zoo files (MABN layers
-    expose virtual ``running_mean``/``running_var`` keys to it), then
-    :func:`convert_norm_state_dict`, then fvcore's loading. A checkpoint written by
-    :func:`save_inference_checkpoint` loads strictly; a folded one only into the FrozenBN model
-    of its config, which is folded first (:func:`smallbn_d2.deploy.fold_frozen_bn`) when the
-    checkpointer has no checkpointables (evaluation). ``resume_or_load(..., resume=True)`` from a
-    ``<prefix>_final.pth`` takes the periodic checkpoint of the same iteration when there is one
-    (it keeps the cross-iteration state), else warns that every CBN window and MABN moving
-    average restarts empty.
-
-    Saving: every file, ``last_checkpoint`` included, is written atomically
-    (:class:`AtomicPathManager`); ``*_final`` checkpoints leave out the layers'
-    ``cross_iteration_state_keys()``, which only an exact resume needs. See docs/RELIABILITY.md
-    section 7 and docs/DEPLOY.md.
+    Loading: Detectron2's name matching of model-zoo files (MABN layers expose virtual
+    ``running_mean``/``running_var`` keys to it), :func:`convert_norm_state_dict`, fvcore's
+    loading. A converted checkpoint (:func:`save_inference_checkpoint`) loads strictly; a folded
+    one only into the FrozenBN model of its config, folded first when there are no
+    checkpointables (evaluation). Resuming from ``<prefix>_final.pth`` takes the periodic
+    checkpoint of the same iteration if there is one (it keeps the cross-iteration state).
+    Saving: atomic (:class:`AtomicPathManager`); ``*_final`` checkpoints leave out the layers'
+    ``cross_iteration_state_keys()``. See docs/RELIABILITY.md section 7 and docs/DEPLOY.md.
 
     Raises (from ``load``/``resume_or_load``):
         NormStateShapeError: as :func:`convert_norm_state_dict`.
@@ -436,12 +417,10 @@ class _RecordingCheckpointer(DetectionCheckpointer):
 def load_checkpoint_strict(model: nn.Module, path: str) -> Dict:
     """Load a checkpoint (``.pth``/``.pkl``, any PathManager path) into ``model`` for inference, strictly.
 
-    Every weight and population statistic must be there; CBN/MABN layers whose training-only
-    cross-iteration state is wholly absent (``model_final.pth``) get a fresh one
-    (:func:`fill_absent_training_state`), which changes no eval output.
+    Every weight and population statistic must be there; a layer's training-only state may be
+    wholly absent (:func:`fill_absent_training_state`). Returns the checkpoint's other entries
+    (e.g. ``"iteration"``, the conversion metadata).
 
-    Returns:
-        the checkpoint's other entries (e.g. ``"iteration"``, the conversion metadata).
     Raises:
         IncompatibleCheckpointError: missing or unexpected keys, or entries of another shape
             (Detectron2 only logs these).

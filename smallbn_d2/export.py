@@ -133,13 +133,10 @@ def _adapter(model: nn.Module, image: torch.Tensor) -> Tuple[nn.Module, torch.Te
 
 
 def trace_model(model: nn.Module, image: torch.Tensor) -> ExportedModel:
-    """Trace a converted detector with ``TracingAdapter`` and ``torch.jit.trace``.
+    """Trace ``model``, a Detectron2 detector in eval mode converted for inference, with ``TracingAdapter``
+    and ``torch.jit.trace`` on ``image``, a (3, H, W) sample in the model's input format (made float32;
+    the traced model accepts other sizes). A model that still holds CBN/MABN layers traces too (slower).
 
-    Args:
-        model: a Detectron2 detector in eval mode, converted for inference (one that still holds
-            CBN/MABN layers traces too, with their slower eval path).
-        image: a (3, H, W) sample image in the model's input format (converted to float32); the
-            traced model accepts other sizes.
     Raises:
         ValueError: the model is in training mode, or a malformed image.
         ExportUnavailableError: as :func:`tracing_adapter_class`.
@@ -169,21 +166,17 @@ def export_torchscript(model: nn.Module, image: torch.Tensor, path: str, overwri
 
 def _schema_leaves(schema, path: Tuple[str, ...], per_detection: bool) -> List[Tuple[Tuple[str, ...], bool]]:
     """(names, is per detection) of each flat value of a ``TracingAdapter`` schema, in flattening order."""
-    if hasattr(schema, "keys") and hasattr(schema, "schemas"):  # DictSchema, InstancesSchema (sorted keys)
-        instances = type(schema).__name__ == "InstancesSchema"
-        out = []
-        for key, sub in zip(schema.keys, schema.schemas):
-            out += _schema_leaves(sub, path + (key,), per_detection or instances)
-        if instances:
-            out.append((path + ("image_size",), False))
-        return out
-    if hasattr(schema, "schemas"):  # ListSchema, TupleSchema
-        many = len(schema.schemas) > 1
-        out = []
-        for i, sub in enumerate(schema.schemas):
-            out += _schema_leaves(sub, path + ((str(i),) if many else ()), per_detection)
-        return out
-    return [(path, per_detection)]  # a tensor (IdentitySchema) or a tensor wrapper (Boxes)
+    if not hasattr(schema, "schemas"):
+        return [(path, per_detection)]  # a tensor (IdentitySchema) or a tensor wrapper (Boxes)
+    instances = type(schema).__name__ == "InstancesSchema"
+    if hasattr(schema, "keys"):  # DictSchema, InstancesSchema: by sorted key
+        steps = [(key,) for key in schema.keys]
+    else:  # ListSchema, TupleSchema: by index, if several
+        steps = [(str(i),) if len(schema.schemas) > 1 else () for i in range(len(schema.schemas))]
+    out = []
+    for step, sub in zip(steps, schema.schemas):
+        out += _schema_leaves(sub, path + step, per_detection or instances)
+    return out + ([(path + ("image_size",), False)] if instances else [])
 
 
 def onnx_output_names(adapter: nn.Module) -> List[Tuple[str, bool]]:
@@ -209,19 +202,15 @@ def onnx_available() -> Optional[str]:
 
 def export_onnx(model: nn.Module, image: torch.Tensor, path: str, overwrite: bool = False,
                 opset_version: int = ONNX_OPSET) -> nn.Module:
-    """Export a converted model to ONNX through ``TracingAdapter`` (``torch.onnx.export(..., dynamo=False)``).
+    """Export ``model`` (as :func:`trace_model`) to the ONNX file ``path``, atomically, through ``TracingAdapter``
+    (``torch.onnx.export(..., dynamo=False)``); returns the adapter, whose ``outputs_schema``
+    rebuilds Detectron2's structures.
 
     The graph's input ``"image"`` is (3, H, W) float32 with dynamic H and W; its outputs are named
-    by :func:`onnx_output_names`, with the number of detections R dynamic (shapes and dtypes:
-    docs/DEPLOY.md, section "Export").
+    by :func:`onnx_output_names`, the number of detections R dynamic (docs/DEPLOY.md, "Export").
+    Models with Detectron2's ``ROIAlignV2`` (R-CNN heads) need ``opset_version`` >= 16: below,
+    torchvision exports RoIAlign with ``aligned=False``, which gives other boxes and masks.
 
-    Args:
-        model, image: as :func:`trace_model`.
-        path: the ``.onnx`` file to write (atomically).
-        opset_version: models with Detectron2's ``ROIAlignV2`` (R-CNN heads) need >= 16: below,
-            torchvision exports RoIAlign with ``aligned=False``, which gives other boxes and masks.
-    Returns:
-        the ``TracingAdapter`` (its ``outputs_schema`` rebuilds Detectron2's structures).
     Raises:
         ValueError: ``opset_version`` < 16 for a model with aligned RoIAlign, or as :func:`trace_model`.
         ExportUnavailableError: :func:`onnx_available` gives a reason.

@@ -71,12 +71,6 @@ def build_training_model(cfg: Any) -> nn.Module:
     return build_model(cfg)
 
 
-def _lazy_retinanet_norm(cfg: Any) -> Optional[str]:
-    head = cfg.model.get("head", None) if hasattr(cfg.model, "get") else None
-    norm = head.get("norm", None) if hasattr(head, "get") else None
-    return norm if isinstance(norm, str) else None
-
-
 def frozen_bn_config(cfg: Any) -> Any:
     """A copy of ``cfg`` (not modified) with every norm that converts to FrozenBN
     (:func:`~smallbn_d2.modeling.norms.frozen_convertible_norms`) set to ``"FrozenBN"``.
@@ -93,7 +87,7 @@ def frozen_bn_config(cfg: Any) -> Any:
         return out
     from omegaconf import OmegaConf
 
-    from ..engine.defaults import lazy_norm_fields
+    from ..engine.defaults import lazy_norm_fields  # on use: importing deploy does not load the engine
 
     out = copy.deepcopy(cfg)
     for path, value in lazy_norm_fields(cfg).items():
@@ -118,19 +112,18 @@ def _per_level_frozen_retinanet(model: nn.Module) -> None:
 def build_inference_model(cfg: Any, fold: bool = False) -> nn.Module:
     """The model, in eval mode and not loaded, that a checkpoint converted from a model of ``cfg`` loads into strictly.
 
-    The model of :func:`frozen_bn_config`, with the per-level FrozenBN lists of RetinaNet's head
-    where its norm is per level, and with ``fold=True`` the structure of
-    :func:`~smallbn_d2.deploy.fold_frozen_bn`. Reads no data.
-
-    Args:
-        cfg: the training config (YAML, with smallbn_d2's keys, built on ``MODEL.DEVICE``; or a
-            LazyConfig, built on ``train.device``).
-        fold: whether the checkpoint was converted with ``fold=True``.
+    ``cfg`` is the training config (YAML, with smallbn_d2's keys, built on ``MODEL.DEVICE``; or a
+    LazyConfig, built on ``train.device``). The model is that of :func:`frozen_bn_config`, with the
+    per-level FrozenBN lists of RetinaNet's head where its norm is per level, and with ``fold=True``
+    (the checkpoint was converted folded) the structure of :func:`~smallbn_d2.deploy.fold_frozen_bn`.
+    Reads no data.
     """
     model = build_training_model(frozen_bn_config(cfg))
     if is_lazy_config(cfg):
+        from ..engine.defaults import lazy_norm_fields
+
         per_level = (any(isinstance(m, RetinaNetHead) for m in model.modules())
-                     and _lazy_retinanet_norm(cfg) in per_level_retinanet_norms())
+                     and lazy_norm_fields(cfg).get("model.head.norm") in per_level_retinanet_norms())
     else:
         per_level = (cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
                      and cfg.MODEL.RETINANET.NORM in per_level_retinanet_norms())

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 #: gives; a layer's own eps is moved into ``running_var`` (``running_var + FROZEN_EPS = var + eps``).
 FROZEN_EPS = 1e-5
 
-#: The layers conversion replaces (Detectron2's BatchNorm2d and NaiveSyncBatchNorm are torch's subclasses).
+#: The layers conversion replaces (Detectron2's BatchNorm2d and NaiveSyncBatchNorm included).
 CONVERTED = (IterationNormBase, nn.BatchNorm2d, nn.SyncBatchNorm)
 _SOURCES = CONVERTED + (FrozenBatchNorm2d,)
 
@@ -69,25 +69,19 @@ def _eval_affine(layer: nn.Module, name: str):
 def frozen_bn_from_affine(mean: torch.Tensor, var: torch.Tensor, eps: float, gamma: Optional[torch.Tensor],
                           beta: Optional[torch.Tensor], outer_gamma: Optional[torch.Tensor] = None,
                           outer_beta: Optional[torch.Tensor] = None) -> FrozenBatchNorm2d:
-    """The ``FrozenBatchNorm2d`` computing ``outer_gamma * ((x - mean) / sqrt(var + eps) * gamma + beta)
-    + outer_beta`` on an (N, C, H, W) input, with eps :data:`FROZEN_EPS`.
+    """A new ``FrozenBatchNorm2d`` computing ``outer_gamma * ((x - mean) / sqrt(var + eps) * gamma + beta)
+    + outer_beta`` on an (N, C, H, W) input, with eps :data:`FROZEN_EPS` (``eps - FROZEN_EPS`` moved
+    into ``running_var``), on ``mean``'s device, in its dtype promoted to at least float32.
 
-    Args:
-        mean, var: (C,) statistics; eps: the source layer's eps (``eps - FROZEN_EPS`` is moved
-            into ``running_var``).
-        gamma, beta: (C,) affine parameters, or None (1 and 0).
-        outer_gamma, outer_beta: (C,) a second affine applied after (a ``CycleBatchNormList``'s
-            shared affine), or None.
-    Returns:
-        a new layer on ``mean``'s device, in ``mean``'s dtype promoted to at least float32.
+    All tensors are (C,); gamma, beta None mean 1, 0; ``outer_*`` (a ``CycleBatchNormList``'s
+    shared affine, applied after) None mean none.
     """
     with torch.no_grad():
         dt = torch.promote_types(mean.dtype, torch.float32)
         g = torch.ones_like(mean, dtype=dt) if gamma is None else gamma.detach().to(dt)
         b = torch.zeros_like(mean, dtype=dt) if beta is None else beta.detach().to(dt)
         if outer_gamma is not None:
-            b = b * outer_gamma.detach().to(dt)
-            g = g * outer_gamma.detach().to(dt)
+            g, b = g * outer_gamma.detach().to(dt), b * outer_gamma.detach().to(dt)
         if outer_beta is not None:
             b = b + outer_beta.detach().to(dt)
         frozen = FrozenBatchNorm2d(mean.numel(), eps=FROZEN_EPS).to(device=mean.device, dtype=dt)
@@ -149,14 +143,10 @@ def convert_for_inference(model: nn.Module, fold: bool = False) -> Tuple[nn.Modu
     """Convert, in place, every CBN, NaiveCBN, MABN and BN layer of ``model`` to FrozenBatchNorm2d.
 
     Eval outputs are unchanged up to float rounding (docs/DEPLOY.md gives the mapping). MABN's
-    weight centralization is baked into the conv weights; CBN's producing convs are released.
+    weight centralization is baked into the conv weights; CBN's producing convs are released;
+    ``fold=True`` then runs :func:`fold_frozen_bn`. The train/eval mode is kept. Returns (the
+    converted model: ``model`` itself unless it is a norm layer, the :class:`ConvertedLayer` records).
 
-    Args:
-        model: any ``nn.Module``, e.g. a model of ``smallbn_d2.build_model`` with its trained
-            weights; its train/eval mode is kept.
-        fold: also fold the FrozenBatchNorm2d layers into their preceding convs (:func:`fold_frozen_bn`).
-    Returns:
-        (the converted model: ``model`` itself unless it is a norm layer, the :class:`ConvertedLayer` records).
     Raises:
         TypeError: ``fold`` is not a bool.
         ValueError: a BN layer without running statistics (``track_running_stats=False``), or
@@ -211,10 +201,9 @@ def fold_frozen_bn(model: nn.Module) -> List[ConvertedLayer]:
     ``nn.Conv2d`` without norm or activation in an ``nn.Sequential``. The conv gets
     ``W * scale`` and the bias ``b * scale + shift`` (float64, stored in the conv's dtype); the
     norm becomes ``None`` / ``nn.Identity()``; a weight-centralized conv is baked first. Others,
-    notably the per-level layers of a ``CycleBatchNormList`` (one shared conv), stay.
+    notably the per-level layers of a ``CycleBatchNormList`` (one shared conv), stay. Returns
+    the :class:`ConvertedLayer` records of the folded and of the kept FrozenBatchNorm2d layers.
 
-    Returns:
-        records (:class:`ConvertedLayer`) of the folded and of the kept FrozenBatchNorm2d layers.
     Raises:
         ValueError: a conv with another weight parametrization, or a channel mismatch.
     """
