@@ -223,8 +223,9 @@ def check_smallbn_field(cfg) -> Dict[str, Any]:
     return {
         "norms": check_norm_arguments(field.get("norms"), "smallbn.norms"),
         "head_norms": check_norm_arguments(field.get("head_norms"), "smallbn.head_norms"),
-        "precise_norm": {"enabled": BOOLEAN.check(precise.get("enabled", False), "smallbn.precise_norm.enabled"),
-                         "num_iter": INT_AT_LEAST_1.check(precise.get("num_iter", 200), "smallbn.precise_norm.num_iter")},
+        "precise_norm": {
+            "enabled": BOOLEAN.check(precise.get("enabled", False), "smallbn.precise_norm.enabled"),
+            "num_iter": INT_AT_LEAST_1.check(precise.get("num_iter", 200), "smallbn.precise_norm.num_iter")},
         "freeze_norm_stats_iter": FREEZE_ITER.check(field.get("freeze_norm_stats_iter", -1),
                                                     "smallbn.freeze_norm_stats_iter"),
     }

@@ -236,12 +236,9 @@ USER_ERRORS = (OutputDirExistsError, ConfigValueError, DatasetsNotFoundError, Da
 
 def training_argument_parser(output_dir_key: str = "OUTPUT_DIR", description: str = "",
                              examples: str = "", lazy: bool = False) -> argparse.ArgumentParser:
-    """Detectron2's ``default_argument_parser`` plus ``--allow-existing-output-dir`` (:func:`check_output_dir`).
-
-    Args:
-        output_dir_key: the output folder's config key, named in the help.
-        description, examples: shown first and last by ``--help`` (default examples: Detectron2's).
-        lazy: the tool reads LazyConfigs (overrides ``key=value``), not YACS configs (``KEY VALUE``).
+    """Detectron2's ``default_argument_parser`` plus ``--allow-existing-output-dir`` (:func:`check_output_dir`),
+    whose help names ``output_dir_key``; ``description`` and ``examples`` (default: Detectron2's) are shown
+    first and last by ``--help``; ``lazy``: the overrides are LazyConfig ``key=value``, not YACS ``KEY VALUE``.
     """
     parser = default_argument_parser(epilog=examples or None)
     parser.description = description or None

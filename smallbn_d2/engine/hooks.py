@@ -114,9 +114,8 @@ def population_statistics_layers(model: nn.Module) -> List[Tuple[str, nn.Module]
 
 
 def population_moments(layer: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(E[x], E[x^2])``, each (C,) float64, that ``layer``'s population statistics stand for: its
-    eval-mode ``(center, var)`` as ``(center, var + center^2)`` (torch BN: ``running_mean``,
-    ``running_var``; CBN/MABN: ``eval_affine()``). ``_write_moments`` is the inverse.
+    """``(E[x], E[x^2])``, each (C,) float64, of ``layer``'s eval-mode ``(center, var)`` (torch BN:
+    running statistics; CBN/MABN: ``eval_affine()``); ``_write_moments`` is the inverse.
 
     Raises:
         TypeError: ``layer`` is neither torch BN nor an ``IterationNormBase``.
@@ -148,20 +147,12 @@ def _write_moments(layer: nn.Module, mean: torch.Tensor, sq_mean: torch.Tensor) 
 
 @torch.no_grad()
 def average_population_statistics(model: nn.Module) -> int:
-    """Average the population statistics of every layer of :func:`population_statistics_layers` over
-    the processes, as moments, so that every process holds the same model.
-
-    With DDP's ``broadcast_buffers=False`` each process updates its own statistics from its own images.
-    Each becomes E[x] and E[x^2] averaged over the processes (the statistics of the pooled inputs for
-    equal images per process), written back as the layer's buffers (BN/CBN: var = E[x^2] - E[x]^2;
-    MABN: ``running_chi2`` = E[x^2]). CBN windows, MABN's SMA buffers and ``num_batches_tracked`` stay
-    per process (the papers' per-GPU statistics). One ``all_reduce`` of one float64 tensor: every
-    process must call it at the same point. Detectron2 issue 5398 reports the per-process statistics.
-
-    Args:
-        model: a ``DistributedDataParallel`` wrapper or the module itself.
-    Returns:
-        the number of layers averaged (0 in a single process).
+    """Average the population statistics of :func:`population_statistics_layers` of ``model`` (DDP-wrapped
+    or not) over the processes as moments: E[x] and E[x^2] (:func:`population_moments`; the pooled
+    inputs' statistics for equal images per process), so that every process holds the same model;
+    returns the number of layers averaged (0 in a single process). Windows, SMA buffers and
+    ``num_batches_tracked`` stay per process. One ``all_reduce``: every process must call it at the
+    same point. docs/RELIABILITY.md, section 5; Detectron2 issue 5398 reports the per-process statistics.
     """
     world_size = comm.get_world_size()
     layers = [m for _, m in population_statistics_layers(model)] if world_size > 1 else []

@@ -94,12 +94,8 @@ def update_norm_stats(model: nn.Module, data_loader: Iterable[Any], num_iters: i
     if not layers and not has_bn:
         return {}
     accumulators = [_Accumulator(layer) for _, layer in layers]
-    # mode flags to restore: the layers (eval path: no state writes) and CBN's producing convs
-    saved: Dict[nn.Module, bool] = {}
-    for _, layer in layers:
-        saved[layer] = layer.training
-        for module in layer.mode_dependents():  # e.g. CBN's producing conv (input capture)
-            saved[module] = module.training
+    # mode flags to restore: the layers (eval path: no state writes) and CBN's producing convs (input capture)
+    saved = {m: m.training for _, layer in layers for m in (layer, *layer.mode_dependents())}
     handles = [layer.register_forward_hook(acc) for (_, layer), acc in zip(layers, accumulators)]
     try:
         for module in saved:

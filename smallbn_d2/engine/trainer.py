@@ -47,16 +47,11 @@ def training_set_size(cfg) -> int:
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with smallbn_d2's model, hooks, checkpointer and COCO evaluation.
-
-    * The norms' iteration counts are rescaled with Detectron2's schedule for the number of GPUs, and
-      a CBN burn-in in epochs (with :func:`training_set_size`) or until the first LR step becomes
-      iterations (:func:`~smallbn_d2.config.resolve_burn_in`).
-    * :meth:`build_model` is :func:`smallbn_d2.build_model`; :meth:`build_hooks` adds smallbn_d2's hooks;
-      :meth:`build_optimizer` adds ``CLIP_TYPE: "full_model"``; :meth:`test` records s/image.
-    * ``self.checkpointer`` is a :class:`~smallbn_d2.checkpoint.NormCheckpointer` (loading across norms,
-      clear shape errors), and :meth:`state_dict` holds the optimizer state, so ``--resume`` is exact.
-    * A warning when SyncBN runs in a single process (it is then plain BN).
+    """``DefaultTrainer`` with smallbn_d2's model, hooks, checkpointer and COCO evaluation
+    (docs/TRAINING.md). The norms' iteration counts follow Detectron2's rescaling for the number of
+    GPUs, and a CBN burn-in in epochs (with :func:`training_set_size`) or until the first LR step
+    becomes iterations (:func:`~smallbn_d2.config.resolve_burn_in`). ``self.checkpointer`` is a
+    :class:`~smallbn_d2.checkpoint.NormCheckpointer`; :meth:`state_dict` holds the optimizer state.
     """
 
     def __init__(self, cfg):
