@@ -8,7 +8,6 @@ batches (never stored, masked on device) and autocast.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -17,15 +16,7 @@ from torch import nn
 from .base import IterationNormBase, NormNotWiredError, _masked_write
 from .cbn_grad import check_supported_conv, stat_grads_autograd, stat_grads_closed_form
 from .conv_input import capture_conv_input, pop_conv_input, release_conv_input
-from .hyperparameters import (
-    BOOLEAN,
-    INT_AT_LEAST_0,
-    INT_AT_LEAST_1,
-    UNIT_INTERVAL,
-    Range,
-    one_of,
-    optional,
-)
+from .hyperparameters import BOOLEAN, INT_AT_LEAST_0, INT_AT_LEAST_1, UNIT_INTERVAL, Range, one_of, optional
 
 __all__ = ["CrossIterationBatchNorm2d", "NaiveCrossIterationBatchNorm2d"]
 
