@@ -3,7 +3,7 @@
 Detectron2 v0.6 without its C++ extension is made usable by the environment's start-up module
 ``smallbn_d2_detectron2_compat`` (``tools/detectron2_compat/``; docs/INSTALL.md). Here: whether
 ``detectron2._C`` is compiled, a workaround for Detectron2 v0.6 itself, and every use of a private
-Detectron2 or torch name outside ``modeling/`` and ``layers/``, each with the versions it was
+Detectron2 or torch name in the package (tests/test_package_layout.py checks), each with the versions it was
 checked against (Detectron2 v0.6 and main 02b5c4e2, fvcore 0.1.5, torch 2.13).
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ __all__ = ["MissingExtensionError", "has_compiled_ops", "get_norm_channels", "in
            "route_load_model", "load_model_from_checkpoint", "convert_ndarray_to_tensor", "set_local_process_group",
            "gradient_clipping_optimizer_class", "cycle_position", "set_cycle_position", "cycle_has_affine",
            "retinanet_head_levels", "torch_batch_norm_base", "tensor_version", "copy_state_dict_metadata",
-           "register_state_dict_hook", "argument_parser_actions", "own_parameters", "own_children"]
+           "register_state_dict_hook", "register_load_state_dict_pre_hook", "remove_state_dict_hooks",
+           "argument_parser_actions", "own_parameters", "own_children"]
 
 try:  # the class the stub raises, when the start-up module is installed
     from smallbn_d2_detectron2_compat import MissingExtensionError
@@ -151,6 +152,26 @@ def register_state_dict_hook(module: Any, hook: Callable) -> Any:
     where torch has it (2.13: yes), else older torch's private ``_register_state_dict_hook``."""
     public = getattr(module, "register_state_dict_post_hook", None)
     return public(hook) if public is not None else module._register_state_dict_hook(hook)
+
+
+def register_load_state_dict_pre_hook(module: Any, hook: Callable) -> Any:
+    """Register ``hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+    error_msgs)`` to run before ``module.load_state_dict`` reads its entries; returns the removable
+    handle. The public ``register_load_state_dict_pre_hook`` where torch has it (2.13: yes), else
+    older torch's private ``_register_load_state_dict_pre_hook(hook, with_module=True)``."""
+    public = getattr(module, "register_load_state_dict_pre_hook", None)
+    return public(hook) if public is not None else module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+def remove_state_dict_hooks(module: Any, save_hook: Callable, load_pre_hook: Callable) -> None:
+    """Remove the hooks registered by :func:`register_state_dict_hook` and
+    :func:`register_load_state_dict_pre_hook` with these functions, found by identity (no handle is
+    kept: handles do not survive ``deepcopy``/pickling of the module). Reads the private
+    ``_state_dict_hooks`` and ``_load_state_dict_pre_hooks`` dicts; the load pre-hook is stored
+    wrapped, its function as ``.hook``. Checked: torch 2.1-2.13."""
+    for hooks, fn in ((module._state_dict_hooks, save_hook), (module._load_state_dict_pre_hooks, load_pre_hook)):
+        for key in [k for k, h in hooks.items() if h is fn or getattr(h, "hook", None) is fn]:
+            del hooks[key]
 
 
 def argument_parser_actions(parser: Any) -> List[Any]:

@@ -64,6 +64,33 @@ def test_state_dict_hook_may_drop_entries_and_is_removable():
     assert "0.running_var" in outer.state_dict()
 
 
+def test_load_pre_hook_runs_before_loading_and_both_hooks_are_removed_by_function():
+    def save_as_w(module, state_dict, prefix, local_metadata):
+        state_dict[prefix + "w"] = state_dict.pop(prefix + "weight")
+
+    def load_from_w(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        state_dict[prefix + "weight"] = state_dict.pop(prefix + "w")
+
+    def other_save_hook(module, state_dict, prefix, local_metadata):  # not ours: must stay
+        state_dict[prefix + "marker"] = torch.zeros(())
+
+    lin = nn.Linear(2, 2, bias=False)
+    compat.register_state_dict_hook(lin, other_save_hook)
+    compat.register_state_dict_hook(lin, save_as_w)
+    compat.register_load_state_dict_pre_hook(lin, load_from_w)
+    outer = nn.Sequential(lin)
+    assert sorted(outer.state_dict()) == ["0.marker", "0.w"]
+    fresh = nn.Linear(2, 2, bias=False)
+    compat.register_load_state_dict_pre_hook(fresh, load_from_w)
+    nn.Sequential(fresh).load_state_dict({"0.w": torch.full((2, 2), 3.0)})  # strict: "w" became "weight"
+    assert torch.equal(fresh.weight, torch.full((2, 2), 3.0))
+
+    compat.remove_state_dict_hooks(lin, save_as_w, load_from_w)
+    assert sorted(outer.state_dict()) == ["0.marker", "0.weight"]
+    result = outer.load_state_dict({"0.w": torch.zeros(2, 2)}, strict=False)  # no longer renamed
+    assert (result.missing_keys, result.unexpected_keys) == (["0.weight"], ["0.w"])
+
+
 def test_state_dict_metadata_is_copied():
     from collections import OrderedDict
 

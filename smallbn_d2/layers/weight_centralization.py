@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..compat import register_state_dict_hook
+from ..compat import register_load_state_dict_pre_hook, register_state_dict_hook, remove_state_dict_hooks
 
 __all__ = ["WeightCentralization", "CentralizedConv", "centralization_report", "centralize_conv_weight",
            "is_weight_centralized", "remove_weight_centralization"]
@@ -65,19 +65,12 @@ def _load_weight_from_plain_name(module, state_dict, prefix, local_metadata, str
 
 
 def _register_hooks(conv: nn.Module) -> None:
-    register_state_dict_hook(conv, _save_weight_under_plain_name)  # public post hook where torch has it
-    if hasattr(conv, "register_load_state_dict_pre_hook"):
-        conv.register_load_state_dict_pre_hook(_load_weight_from_plain_name)
-    else:
-        conv._register_load_state_dict_pre_hook(_load_weight_from_plain_name, with_module=True)
+    register_state_dict_hook(conv, _save_weight_under_plain_name)
+    register_load_state_dict_pre_hook(conv, _load_weight_from_plain_name)
 
 
 def _remove_hooks(conv: nn.Module) -> None:
-    for hooks, fn in ((conv._state_dict_hooks, _save_weight_under_plain_name),
-                      (conv._load_state_dict_pre_hooks, _load_weight_from_plain_name)):
-        # the load pre-hook is stored wrapped, its function as .hook
-        for key in [k for k, h in hooks.items() if h is fn or getattr(h, "hook", None) is fn]:
-            del hooks[key]
+    remove_state_dict_hooks(conv, _save_weight_under_plain_name, _load_weight_from_plain_name)
 
 
 def is_weight_centralized(conv: nn.Module) -> bool:
