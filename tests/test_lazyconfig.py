@@ -211,6 +211,31 @@ def test_command_refuses_invalid_smallbn_field_before_training(tmp_path, monkeyp
 
 
 @needs_model_zoo
+def test_command_warns_of_overrides_that_add_keys(tmp_path, monkeypatch, capsys):
+    """LazyConfig accepts an override of a key the config lacks: a misspelt train.max_itr would be
+    read by nothing. The tool warns of it with the closest key, not of real keys, arguments added to
+    a LazyCall node, or the optional smallbn field."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lazyconfig_train_net",
+                                                  os.path.join(REPO, "tools", "lazyconfig_train_net.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    launched = []
+    monkeypatch.setattr(tool, "launch", lambda *a, **k: launched.append(1))
+    fine = ["train.max_iter=3", "model.roi_heads.box_head.extra_argument=1", "smallbn.norms.MABN.buffer_size=4"]
+    monkeypatch.setattr(sys, "argv", ["lazyconfig_train_net.py", "--config-file", TINY,
+                                      f"train.output_dir={tmp_path / 'run'}", "train.max_itr=5", "nosuch.key=1"] + fine)
+    tool.cli()
+    assert launched == [1]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        "lazyconfig_train_net.py: warning: override train.max_itr=5 adds train.max_itr, which the config does not "
+        "have; did you mean train.max_iter?",
+        "lazyconfig_train_net.py: warning: override nosuch.key=1 adds nosuch.key, which the config does not have"]
+
+
+@needs_model_zoo
 def test_command_refuses_to_evaluate_another_model_in_a_training_run_folder(tmp_path, monkeypatch):
     """As tools/train_net.py: --eval-only of a checkpoint from elsewhere must not write into a
     training run's folder (it would replace its config.yaml); its own checkpoints are allowed."""

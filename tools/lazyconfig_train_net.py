@@ -52,8 +52,34 @@ Evaluate a trained model:
 """
 
 
-def load(args):
-    """The LazyConfig of ``--config-file`` with the command line's overrides applied.
+def warn_added_keys(cfg, overrides) -> None:
+    """Warn (one stderr line each) of overrides that add a key to ``cfg`` (a LazyConfig, before the
+    overrides are applied) instead of changing one: LazyConfig accepts them, and a misspelt
+    ``train.max_itr=5`` would otherwise be read by nothing. An argument added to a ``LazyCall``
+    node (it has ``_target_``) and keys of the optional ``smallbn`` field (checked by
+    ``check_smallbn_field``) are not warned of."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    absent = object()
+    for item in (o for o in overrides if "=" in o):  # the others are refused by apply_overrides
+        key = item.split("=", 1)[0].lstrip("+~")
+        group, _, leaf = key.rpartition(".")
+        if key.split(".")[0] == "smallbn" or OmegaConf.select(cfg, key, default=absent) is not absent:
+            continue
+        parent = OmegaConf.select(cfg, group, default=None) if group else cfg
+        if OmegaConf.is_dict(parent) and "_target_" in parent:
+            continue
+        close = difflib.get_close_matches(leaf, list(parent.keys()), n=2) if OmegaConf.is_dict(parent) else []
+        hint = f"; did you mean {' or '.join(f'{group}.{c}' if group else c for c in close)}?" if close else ""
+        print(f"lazyconfig_train_net.py: warning: override {item} adds {key}, which the config does not have{hint}",
+              file=sys.stderr)
+
+
+def load(args, warn: bool = False):
+    """The LazyConfig of ``--config-file`` with the command line's overrides applied; ``warn``:
+    first warn of overrides that add keys (:func:`warn_added_keys`).
 
     Raises:
         FileNotFoundError: the config file does not exist.
@@ -62,6 +88,8 @@ def load(args):
     from hydra.errors import HydraException
 
     cfg = LazyConfig.load(args.config_file)
+    if warn:
+        warn_added_keys(cfg, args.opts)
     try:
         return LazyConfig.apply_overrides(cfg, args.opts)
     except HydraException as e:
@@ -90,7 +118,7 @@ def cli():
             raise ConfigValueError("--config-file is required: a LazyConfig Python file, e.g. "
                                    "configs/test/tiny_mask_rcnn_CBN_lazy.py")
         register_coco_sample()
-        cfg = load(args)  # checked once, before any process starts or writes
+        cfg = load(args, warn=True)  # checked once, before any process starts or writes
         try:
             check_smallbn_field(cfg)
         except (KeyError, TypeError, ValueError) as e:
