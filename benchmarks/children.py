@@ -3,7 +3,8 @@
 Each child measures one setting (and, for memory, one row) and returns a JSON-serializable dict
 that the parent (:mod:`.runner`) collects. Timings are interleaved inside one process: every
 model of the setting runs on the same inputs in rotating order, so that a change of the shared
-machine's speed hits all rows alike and the ratios to BN can be taken per step (paired).
+machine's speed hits all rows alike and the ratios to BN can be taken per step (paired). On
+CUDA (``--device cuda``) every timed call is synchronized and memory is CUDA's peak tensor memory.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import contextlib
 import copy
 from typing import Callable, Dict, List, Tuple
 
-from .measure import PeakRSS, Timer, memory_env_active, rss_bytes
+from .measure import Timer, device_sync, memory_env_active, peak_memory, rss_bytes
 from .settings import INFERENCE_SAME_AS, NO_FROZEN_FORM, make_cfg
 
 __all__ = ["load_batches", "calibrate_frozen_bn", "build_benchmark_model", "rotated", "train_step",
@@ -160,7 +161,7 @@ def child_train(args) -> Dict:
         for i, batch in enumerate(batches):
             for norm in rotated(norms, i):
                 torch.manual_seed(args.start_iter + i)  # same anchor/RoI sampling draws for every model
-                with Timer(args.clock) as tm:
+                with Timer(args.clock, sync=device_sync(args.device)) as tm:
                     finite = train_step(*trainables[norm], batch, args.start_iter + i)
                 nonfinite[norm] += not finite
                 if i >= args.warmup:
@@ -169,7 +170,7 @@ def child_train(args) -> Dict:
 
 
 def child_memory(args) -> Dict:
-    """Peak resident memory of training one (setting, row) detector, in a fresh process run with
+    """Peak resident memory (CUDA: tensor memory) of training one (setting, row) detector, in a fresh process run with
     ``MALLOC_MMAP_THRESHOLD_=65536`` (:data:`.measure.MEMORY_ENV`): the maximum over the
     ``args.memory_iters`` steps after the warm-up of the step's peak above the process's memory
     before the model was built.
@@ -189,16 +190,17 @@ def child_memory(args) -> Dict:
     setting, norm = args.child_setting, args.child_norm
     cfg = make_cfg(args, setting, norm)
     batches = load_batches(cfg, args.warmup + args.memory_iters, is_train=True)
-    rss0 = rss_bytes("VmRSS")  # after imports and data, before the model
+    # after imports and data, before the model
+    base = torch.cuda.memory_allocated() if args.device == "cuda" else rss_bytes("VmRSS")
     peaks, nonfinite = [], 0
     with EventStorage(args.start_iter):
         model, optimizer = _build_trainable(cfg, setting, batches[0])
         for i, batch in enumerate(batches):
             torch.manual_seed(args.start_iter + i)  # the draws of the training children
-            with (PeakRSS() if i >= args.warmup else contextlib.nullcontext()) as pk:
+            with (peak_memory(args.device) if i >= args.warmup else contextlib.nullcontext()) as pk:
                 nonfinite += not train_step(model, optimizer, batch, args.start_iter + i)
             if i >= args.warmup:
-                peaks.append(pk.start - rss0 + pk.peak)
+                peaks.append(pk.start - base + pk.peak)
     return {"setting": setting, "norm": norm, "peak_bytes": max(peaks), "nonfinite_losses": nonfinite}
 
 
@@ -284,7 +286,7 @@ def child_inference(args) -> Dict:
             stats_batches = load_batches(cfg, 2, is_train=True)
         built[norm] = build_benchmark_model(cfg, setting, stats_batches[0])
     times, detections = time_inference(inference_models(built, stats_batches), images, args.infer_repeats,
-                                       lambda: Timer(args.clock))
+                                       lambda: Timer(args.clock, sync=device_sync(args.device)))
     return {"setting": setting, "times": times, "detections": detections}
 
 

@@ -5,7 +5,8 @@ A stack of ``depth`` x (3x3 conv, C -> C channels, no bias, norm, ReLU) on an N 
 forward + backward (input, conv and norm parameters all need gradients; the upstream gradient
 is a fixed random tensor), one :class:`Bench` per row of :data:`~.settings.LAYER_NORMS`.
 Time: median over the measured steps of all rounds, rows interleaved round by round. Memory: a
-fresh child process per row with :data:`~.measure.MEMORY_ENV` (:func:`measure_memory`).
+fresh child process per row with :data:`~.measure.MEMORY_ENV` (:func:`measure_memory`); on CUDA
+(``--device cuda``) steps are synchronized around the clock and memory is CUDA's peak, in process.
 """
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ from torch.nn.grad import conv2d_weight
 
 from smallbn_d2.layers import CrossIterationBatchNorm2d, MovingAverageBatchNorm2d, NaiveCrossIterationBatchNorm2d
 from .measure import (
-    PeakRSS,
     Timer,
     command_line,
+    device_sync,
     fmt_ratio,
     load_average,
     machine_description,
     markdown_table,
     median,
+    peak_memory,
     run_json_child,
 )
 from .settings import LAYER_DESCRIPTIONS, LAYER_NORMS, LAYER_START_ITER
@@ -81,17 +83,18 @@ class Bench:
 
     Args:
         norm: a row of :data:`~.settings.LAYER_NORMS`.
-        args: ``channels``, ``window``, ``depth`` (blocks), ``batch`` (N), ``size`` (H = W).
+        args: ``channels``, ``window``, ``depth`` (blocks), ``batch`` (N), ``size`` (H = W), ``device``.
     Built with seed 0 (same conv weights for every row); input and gradient from seed 1.
     """
 
     def __init__(self, norm: str, args):
         torch.manual_seed(0)
-        self.model = nn.Sequential(*[Block(args.channels, norm, args.window) for _ in range(args.depth)]).train()
+        blocks = [Block(args.channels, norm, args.window) for _ in range(args.depth)]
+        self.model = nn.Sequential(*blocks).train().to(args.device)
         g = torch.Generator().manual_seed(1)
         shape = (args.batch, args.channels, args.size, args.size)
-        self.x = torch.randn(shape, generator=g).requires_grad_(True)
-        self.gy = torch.randn(shape, generator=g)
+        self.x = torch.randn(shape, generator=g).to(args.device).requires_grad_(True)
+        self.gy = torch.randn(shape, generator=g).to(args.device)
         self.t = LAYER_START_ITER.get(norm, 0)
 
     def step(self) -> None:
@@ -110,7 +113,7 @@ class Bench:
 
 def measure_memory(norm: str, args) -> Dict:
     """Peak step memory above the step's start (bytes) of ``norm``'s stack, in this process:
-    ``args.warmup`` steps, then the maximum over 2 steps. Meaningful only with
+    ``args.warmup`` steps, then the maximum over 2 steps. On the CPU meaningful only with
     :data:`~.measure.MEMORY_ENV`. Returns ``{"norm", "peak_bytes"}``."""
     b = Bench(norm, args)
     for _ in range(args.warmup):
@@ -119,7 +122,7 @@ def measure_memory(norm: str, args) -> Dict:
     peaks = []
     for _ in range(2):
         b.zero_grad()
-        with PeakRSS() as p:
+        with peak_memory(args.device) as p:
             b.step()
         peaks.append(p.peak)
     return {"norm": norm, "peak_bytes": max(peaks)}
@@ -147,12 +150,21 @@ def time_norms(args) -> Dict[str, List[float]]:
             b.step()  # one unmeasured step: caches and allocator state of this norm
             for _ in range(args.iters):
                 b.zero_grad()
-                with Timer(args.clock) as tm:
+                with Timer(args.clock, sync=device_sync(args.device)) as tm:
                     b.step()
                 times[n].append(tm.s)
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {median(times[n]):.3f}s" for n in args.norms),
               file=sys.stderr, flush=True)
     return times
+
+
+#: the memory column's method per device
+_MEMORY_METHOD = {
+    "cpu": "peak resident memory of one step above its start (activations, gradients, temporaries), fresh "
+           "subprocess per norm (see the method above)",
+    "cuda": "peak CUDA tensor memory (torch.cuda.max_memory_allocated) of one step above its start "
+            "(activations, gradients, temporaries)",
+}
 
 
 def _summary(t: Dict[str, float]) -> List[str]:
@@ -176,8 +188,8 @@ def _summary(t: Dict[str, float]) -> List[str]:
 
 
 def run_layer_benchmark(script: str, args, child_argv: Sequence[str]) -> str:
-    """Time every row of ``args.norms`` here, measure its memory in a child process (unless
-    ``args.no_memory``) and return the Markdown section (header, table, summary).
+    """Time every row of ``args.norms`` here, measure its memory (unless ``args.no_memory``) in a child
+    process (CPU) or here (CUDA) and return the Markdown section (header, table, summary).
 
     Args:
         script: the benchmark script; memory children run it as ``script *child_argv
@@ -193,9 +205,12 @@ def run_layer_benchmark(script: str, args, child_argv: Sequence[str]) -> str:
     mem = {}
     if not args.no_memory:
         for n in args.norms:
-            res = run_json_child(script, list(child_argv) + ["--memory-child", n, "--no-write"], timeout=1800,
-                                 memory=True, label=f"memory child {n}")
-            mem[n] = res["peak_bytes"]
+            if args.device == "cuda":
+                mem[n] = measure_memory(n, args)["peak_bytes"]
+            else:
+                res = run_json_child(script, list(child_argv) + ["--memory-child", n, "--no-write"], timeout=1800,
+                                     memory=True, label=f"memory child {n}")
+                mem[n] = res["peak_bytes"]
             print(f"memory {n}: {mem[n] / 2**20:.1f} MiB", file=sys.stderr, flush=True)
 
     t = {n: median(v) for n, v in times.items()}
@@ -212,11 +227,10 @@ def run_layer_benchmark(script: str, args, child_argv: Sequence[str]) -> str:
         "",
         f"Command: `{command_line()}`",
         "",
-        f"Machine: {machine_description()}; load average (1/5/15 min) {load_before} before, {load_after} after the timings.",
+        f"Machine: {machine_description(args.device)}; load average (1/5/15 min) {load_before} before, {load_after} after the timings.",
         "",
         f"Timing ({args.clock} clock): median of {args.rounds} interleaved rounds x {args.iters} steps per norm (after {args.warmup} "
-        f"warm-up steps, and one unmeasured step per round). Memory: peak resident memory of one step above "
-        "its start (activations, gradients, temporaries), fresh subprocess per norm (see the method above); "
+        f"warm-up steps, and one unmeasured step per round). Memory: {_MEMORY_METHOD[args.device]}; "
         "the persistent parameters and buffers (CBN's window of k-1 statistics gradients) in the last column.",
         "",
         table,

@@ -9,9 +9,11 @@
   tensors (otherwise freed memory stays in the heap and the high-water mark stays put). That
   setting slows allocation, so memory is measured in separate processes from the timings
   (:func:`run_json_child`).
-* Timing (:class:`Timer`), machine description, medians, Markdown tables, and the replacement of
-  one benchmark's section of docs/BENCHMARKS.md (between ``<!-- BEGIN name -->`` and
-  ``<!-- END name -->``), leaving the rest of the file as it is.
+* Peak memory on CUDA (:class:`PeakCUDA`): ``torch.cuda.max_memory_allocated``, tensor memory,
+  exact per process (no child process needed).
+* Timing (:class:`Timer`, synchronized on CUDA), machine description, medians, Markdown tables,
+  and the replacement of one benchmark's section of docs/BENCHMARKS.md (between
+  ``<!-- BEGIN name -->`` and ``<!-- END name -->``), leaving the rest of the file as it is.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import sys
 import time
 from typing import Callable, Dict, Optional, Sequence
 
-__all__ = ["MEMORY_ENV", "rss_bytes", "PeakRSS", "memory_env_active", "run_json_child", "machine_description",
+__all__ = ["MEMORY_ENV", "rss_bytes", "PeakRSS", "PeakCUDA", "peak_memory", "check_device", "device_sync",
+           "memory_env_active", "run_json_child", "machine_description",
            "load_average", "median", "Timer", "markdown_table", "fmt_ratio", "fmt_seconds", "write_doc_section",
            "command_line"]
 
@@ -73,6 +76,48 @@ class PeakRSS:
         return False
 
 
+class PeakCUDA:
+    """:class:`PeakRSS` for CUDA tensor memory: ``.start`` = ``torch.cuda.memory_allocated()`` at the
+    start, ``.peak`` = ``max_memory_allocated()`` during the block minus ``.start`` (bytes)."""
+
+    def __enter__(self):
+        import torch
+
+        torch.cuda.synchronize()
+        self.start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated() - self.start
+        return False
+
+
+def peak_memory(device: str):
+    """The peak-memory context manager of ``device`` ("cpu" or "cuda"): :class:`PeakRSS` or :class:`PeakCUDA`."""
+    return PeakCUDA() if device == "cuda" else PeakRSS()
+
+
+def device_sync(device: str) -> Optional[Callable[[], None]]:
+    """A :class:`Timer`'s ``sync`` for ``device``: ``torch.cuda.synchronize`` on "cuda", None on "cpu"."""
+    import torch
+
+    return torch.cuda.synchronize if device == "cuda" else None
+
+
+def check_device(device: str, prog: str) -> None:
+    """Exit with status 2 and a one-line message when ``device`` is "cuda" and torch sees no CUDA device."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"{prog}: error: --device cuda: torch {torch.__version__} sees no CUDA device "
+              "(torch.cuda.is_available() is False); allowed here: --device cpu", file=sys.stderr)
+        sys.exit(2)
+
+
 def memory_env_active() -> bool:
     """True if this process runs with :data:`MEMORY_ENV` (so :class:`PeakRSS` is meaningful)."""
     return all(os.environ.get(k) == v for k, v in MEMORY_ENV.items())
@@ -115,8 +160,9 @@ def run_json_child(script: str, args: Sequence[str], timeout: float, memory: boo
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def machine_description() -> str:
-    """CPU model, logical cores, torch threads, torch version, Python version, OS."""
+def machine_description(device: str = "cpu") -> str:
+    """CPU model, logical cores, torch threads, torch version, Python version, OS; on "cuda" first
+    the GPU, CUDA and cuDNN versions and the TF32 switches in force (the runs are float32)."""
     import torch
 
     cpu = platform.processor() or "unknown CPU"
@@ -127,8 +173,14 @@ def machine_description() -> str:
             cpu = m.group(1).strip()
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} with "
+    host = (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}, {platform.system()}")
+    if device != "cuda":
+        return host
+    on = {True: "on", False: "off"}
+    return (f"cuda: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+            f"float32 with TF32 {on[torch.backends.cudnn.allow_tf32]} in cuDNN convs and "
+            f"{on[torch.backends.cuda.matmul.allow_tf32]} in matmuls; host: {host}")
 
 
 def load_average() -> str:

@@ -12,6 +12,9 @@ _TITLES = {"1x": "`1x`: frozen-BN backbone, norm in FPN, box and mask heads",
            "scratch_3x": "`scratch_3x`: norm everywhere (backbone, FPN, heads)"}
 
 
+_MEMORY = {"cpu": "peak resident memory", "cuda": "peak CUDA tensor memory (torch.cuda.max_memory_allocated)"}
+
+
 def paired_ratio(rounds: Sequence[Sequence[float]], bn_rounds: Sequence[Sequence[float]]) -> Optional[float]:
     """Median over (round, step) of a norm's step time over BN's time of the same step.
 
@@ -134,11 +137,11 @@ def build_report(args, setting: str, results: Dict, mem: Dict, infer: Dict, load
     parts = [
         f"### Detector level, {title}. "
         f"{'Mask R-CNN R50-FPN, 4conv1fc box head' if args.config_file is None else args.config_file}, "
-        f"{args.images} images per iteration, CPU",
+        f"{args.images} images per iteration, {args.device.upper()}",
         "",
         f"Command: `{command_line()}`",
         "",
-        f"Machine: {machine_description()}; load average (1/5/15 min) {load_before} at the start, {load_after} at the end; "
+        f"Machine: {machine_description(args.device)}; load average (1/5/15 min) {load_before} at the start, {load_after} at the end; "
         f"run took {(finished - started) / 60:.0f} min.",
         "",
         f"Images: shorter side {args.min_size} (longest <= {args.max_size}). Training ({args.clock} clock): one process "
@@ -147,7 +150,7 @@ def build_report(args, setting: str, results: Dict, mem: Dict, infer: Dict, load
         f"{args.start_iter}, and 'vs BN' the median of the paired per-step ratios to BN. Inference ({args.clock} clock): one process per setting holds every model, in eval "
         "mode and after `convert_to_frozen_bn`, built with the same seed, and runs them in rotating order on each of "
         f"{args.infer_images} val images x {args.infer_repeats} repeats; s/img is the median, 'vs BN eval' the median of "
-        "the paired per-image ratios to BN in eval mode. Memory: peak resident memory during a training step "
+        f"the paired per-image ratios to BN in eval mode. Memory: {_MEMORY[args.device]} during a training step "
         "above the process before the model was built (model, gradients, optimizer state, buffers, activations), "
         f"max over {args.memory_iters} steps after the warm-up, fresh subprocess per row.",
     ]

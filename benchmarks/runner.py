@@ -25,7 +25,7 @@ def child_args(args) -> List[str]:
     out = ["--warmup", str(args.warmup), "--iters", str(args.iters), "--memory-iters", str(args.memory_iters),
            "--min-size", str(args.min_size), "--max-size", str(args.max_size), "--images", str(args.images),
            "--infer-images", str(args.infer_images), "--infer-repeats", str(args.infer_repeats),
-           "--start-iter", str(args.start_iter), "--clock", args.clock]
+           "--start-iter", str(args.start_iter), "--clock", args.clock, "--device", args.device]
     if args.threads:
         out += ["--threads", str(args.threads)]
     out += ["--norms"] + list(args.norms)

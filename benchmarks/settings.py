@@ -64,11 +64,12 @@ def make_cfg(args, setting: str, norm: str):
     Args:
         args: the benchmark's options: ``config_file`` (None: :data:`DEFAULT_CONFIG` as Mask
             R-CNN R50-FPN with the 4conv1fc box head), ``images`` (per iteration), ``min_size``,
-            ``max_size`` (pixels, train and test), ``opts`` (``KEY VALUE`` overrides, applied last).
+            ``max_size`` (pixels, train and test), ``device`` (``MODEL.DEVICE``: "cpu" or "cuda"),
+            ``opts`` (``KEY VALUE`` overrides, applied last).
         setting: one of :data:`SETTINGS`.
         norm: one of :data:`NORMS` (or any registered norm name).
     Returns:
-        an unfrozen ``CfgNode`` on the CPU, random initialization, ``BASE_LR 0.0025``, CBN without
+        an unfrozen ``CfgNode``, random initialization, ``BASE_LR 0.0025``, CBN without
         burn-in, ``SCORE_THRESH_TEST 0`` (every model returns ``DETECTIONS_PER_IMAGE`` detections).
     Raises:
         ValueError: unknown ``setting`` (naming the allowed ones).
@@ -80,7 +81,7 @@ def make_cfg(args, setting: str, norm: str):
     if args.config_file is None:
         opts += ["MODEL.RESNETS.DEPTH", 50, "MODEL.MASK_ON", True, "MODEL.ROI_BOX_HEAD.NUM_CONV", 4,
                  "MODEL.ROI_BOX_HEAD.NUM_FC", 1]
-    opts += ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "SOLVER.IMS_PER_BATCH", args.images,
+    opts += ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", "", "SOLVER.IMS_PER_BATCH", args.images,
              "SOLVER.BASE_LR", 0.0025, "INPUT.MIN_SIZE_TRAIN", (args.min_size,), "INPUT.MAX_SIZE_TRAIN", args.max_size,
              "INPUT.MIN_SIZE_TEST", args.min_size, "INPUT.MAX_SIZE_TEST", args.max_size,
              "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "DATALOADER.NUM_WORKERS", 0,

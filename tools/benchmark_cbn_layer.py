@@ -32,6 +32,9 @@ repository's page; ``--no-write`` to skip), with the command and the machine.
 window statistics with projects/CBNStatistics/cbn_statistics.py (section
 ``cbn_subsample_accuracy``).
 
+``--device cuda`` runs the stacks on the GPU: each step synchronized before and after the clock,
+memory = CUDA's peak tensor memory of a step (``torch.cuda.max_memory_allocated``), in process.
+
 Run from the repository root: ``python tools/benchmark_cbn_layer.py`` (about 6-8 minutes on 2
 quiet cores). The measurement lives in :mod:`benchmarks.layer`.
 """
@@ -49,7 +52,7 @@ sys.path.insert(0, REPO)  # the package, also when it is not installed
 
 import smallbn_d2  # noqa: E402,F401  (compat fixes, norm names)
 from benchmarks.layer import measure_memory, run_layer_benchmark, subsample_accuracy  # noqa: E402
-from benchmarks.measure import memory_env_active, write_doc_section  # noqa: E402
+from benchmarks.measure import check_device, memory_env_active, write_doc_section  # noqa: E402
 from benchmarks.settings import ACCURACY_SECTION, LAYER_NORMS, LAYER_SECTION  # noqa: E402
 
 
@@ -72,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=3, help="warm-up steps per norm before the first round (>= k-1)")
     ap.add_argument("--iters", type=int, default=3, help="measured steps per norm per round")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (norms alternate round by round)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the stacks run (default cpu); cuda needs a CUDA device")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: time.perf_counter (the reported default); cpu: CPU seconds of this process "
@@ -100,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     """Run the block-level benchmark, the ``--subsample-accuracy`` run or one ``--memory-child``."""
     args = parse_args(argv)
+    check_device(args.device, "benchmark_cbn_layer.py")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:

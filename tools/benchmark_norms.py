@@ -53,6 +53,10 @@ Markdown tables and written, one section per setting (``benchmark_norms_1x``,
 (default ``output/benchmarks/BENCHMARKS.md``; ``--out docs/BENCHMARKS.md`` updates the
 repository's page; ``--no-write`` to skip) with the command and the machine.
 
+``--device cuda`` runs the same children on the GPU: every timed step and inference call is
+synchronized before and after the clock, and memory is CUDA's peak tensor memory
+(``torch.cuda.max_memory_allocated``) instead of the resident memory.
+
 Run from the repository root: ``python tools/benchmark_norms.py`` (see docs/BENCHMARKS.md for
 the expected runtime). The measurement lives in :mod:`benchmarks` (settings and rows:
 ``settings``; child processes: ``children``; orchestration: ``runner``; report: ``report``).
@@ -68,6 +72,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the package, also when it is not installed
 
 from benchmarks.children import CHILD_MODES, run_child_mode  # noqa: E402
+from benchmarks.measure import check_device  # noqa: E402
 from benchmarks.report import inference_summary as _inference_summary  # noqa: E402,F401 (tests)
 from benchmarks.report import paired_ratio as _paired_ratio  # noqa: E402,F401 (tests)
 from benchmarks.runner import run_benchmark  # noqa: E402
@@ -98,6 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--start-iter", type=int, default=20000, help="trainer iteration of the first step")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: time.perf_counter (the reported default); cpu: CPU seconds of the process")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the detectors run (default cpu); cuda needs a CUDA device")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--no-inference", action="store_true", help="skip the inference timings")
@@ -121,6 +128,7 @@ def main(argv=None):
     """Run the benchmark (returns ``{setting: report}``), or, with ``--child-mode``, one child
     process of it (prints its result as JSON, returns None)."""
     args = parse_args(argv)
+    check_device(args.device, "benchmark_norms.py")
     if args.child_mode:
         print(json.dumps(run_child_mode(args)))
         return None
