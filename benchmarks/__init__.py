@@ -1,7 +1,7 @@
 """Benchmarks of the normalization layers, driven by ``tools/benchmark_norms.py`` (detector
 level) and ``tools/benchmark_cbn_layer.py`` (block level).
 
-* :mod:`.measure`: timing, peak resident memory, child processes, machine description,
+* :mod:`.measure`: timing, peak memory (resident; CUDA's on a GPU), child processes, machine description,
   Markdown tables and the sections of docs/BENCHMARKS.md (shared by both levels);
 * :mod:`.settings`: what is measured: the rows (norms and variants), the detector settings,
   their configs and the targets;
@@ -10,11 +10,9 @@ level) and ``tools/benchmark_cbn_layer.py`` (block level).
   memory, interleaved inference);
 * :mod:`.runner`: the detector-level orchestration (which children, collecting their results);
 * :mod:`.report`: the detector-level Markdown report;
-* :mod:`.layer`: the block-level benchmark;
-* :mod:`.gpu_check`: ``tools/gpu_check.py``, the one GPU command: its stages run one after the
-  other as child processes with time limits (pytest for the CUDA tests, :mod:`.gpu` for the
-  measurements), :mod:`.gpu_report` writes the Markdown report, :mod:`.gpu_setup` the offline
-  install from a wheel folder (``tools/prepare_gpu_wheels.py``).
+* :mod:`.layer`: the block-level benchmark.
+
+Both run on the CPU or, with ``--device cuda``, on a GPU (``tools/gpu_check.sh`` runs them so).
 
 Not part of the installed package (setup.py ships ``smallbn_d2`` only): the tools run from a
 checkout and put the repository root on ``sys.path``, as Detectron2's own ``tools/`` do.

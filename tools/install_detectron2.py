@@ -154,7 +154,7 @@ def build_source_tree(sdist: Path, workdir: Path) -> Path:
 def build_wheel(wheel_dir: Path) -> Path:
     """Write the wheel that :func:`main` installs (same sdist, checks and contents) into
     ``wheel_dir`` instead of installing it, e.g. for a machine without a package index
-    (``tools/prepare_gpu_wheels.py``). Pure Python (``py3-none-any``). Returns its path.
+    (``tools/prepare_gpu_wheels.sh``). Pure Python (``py3-none-any``). Returns its path.
 
     Raises:
         subprocess.CalledProcessError: pip failed; SystemExit: as :func:`build_source_tree`.
