@@ -22,7 +22,7 @@ binary="iopath yacs omegaconf hydra-core pycocotools termcolor tabulate portaloc
   setuptools"
 sdist_only="fvcore antlr4-python3-runtime"  # no wheels on PyPI: built here, pure Python
 pins() {
-  "$PY" -c 'import sys; from importlib.metadata import version; print(*(f"{n}=={version(n)}" for n in sys.argv[1:]))' "$@"
+  "$PY" -c 'import sys, importlib.metadata as m; print(*(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' "$@"
 }
 # $(pins ...) is unquoted on purpose: one pinned requirement per word
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
