@@ -170,8 +170,8 @@ def child_train(args) -> Dict:
 
 
 def child_memory(args) -> Dict:
-    """Peak resident memory (CUDA: tensor memory) of training one (setting, row) detector, in a fresh process run with
-    ``MALLOC_MMAP_THRESHOLD_=65536`` (:data:`.measure.MEMORY_ENV`): the maximum over the
+    """Peak resident memory (CUDA: tensor memory) of training one (setting, row) detector, in a fresh
+    process run with ``MALLOC_MMAP_THRESHOLD_=65536`` (:data:`.measure.MEMORY_ENV`): the maximum over the
     ``args.memory_iters`` steps after the warm-up of the step's peak above the process's memory
     before the model was built.
 

@@ -49,7 +49,8 @@ class BatchNormWithStatGradCost(IterationNormBase):
                 with torch.no_grad():
                     c = self.conv
                     conv2d_weight(u.detach(), c.weight.shape, x.detach(), c.stride, c.padding, c.dilation, c.groups)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1,
+                            self.eps)
 
 
 def register_floor_norm() -> None:

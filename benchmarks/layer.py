@@ -173,7 +173,8 @@ def _summary(t: Dict[str, float]) -> List[str]:
     lines = []
     if {"BN", "CBN"} <= set(t):
         r = t["CBN"] / base_t
-        lines.append(f"- CBN (closed form) / BN time: **{r:.2f}x** (target <= 1.45x: {'met' if r <= 1.45 else 'NOT met'}).")
+        verdict = "met" if r <= 1.45 else "NOT met"
+        lines.append(f"- CBN (closed form) / BN time: **{r:.2f}x** (target <= 1.45x: {verdict}).")
     if {"BN", "CBN", "CBN-autograd"} <= set(t):
         over_c, over_a = t["CBN"] - base_t, t["CBN-autograd"] - base_t
         q = over_c / over_a if over_a > 0 else float("nan")
@@ -227,10 +228,12 @@ def run_layer_benchmark(script: str, args, child_argv: Sequence[str]) -> str:
         "",
         f"Command: `{command_line()}`",
         "",
-        f"Machine: {machine_description(args.device)}; load average (1/5/15 min) {load_before} before, {load_after} after the timings.",
+        f"Machine: {machine_description(args.device)}; load average (1/5/15 min) {load_before} before, "
+        f"{load_after} after the timings.",
         "",
-        f"Timing ({args.clock} clock): median of {args.rounds} interleaved rounds x {args.iters} steps per norm (after {args.warmup} "
-        f"warm-up steps, and one unmeasured step per round). Memory: {_MEMORY_METHOD[args.device]}; "
+        f"Timing ({args.clock} clock): median of {args.rounds} interleaved rounds x {args.iters} steps per norm "
+        f"(after {args.warmup} warm-up steps, and one unmeasured step per round). "
+        f"Memory: {_MEMORY_METHOD[args.device]}; "
         "the persistent parameters and buffers (CBN's window of k-1 statistics gradients) in the last column.",
         "",
         table,

@@ -141,15 +141,19 @@ def build_report(args, setting: str, results: Dict, mem: Dict, infer: Dict, load
         "",
         f"Command: `{command_line()}`",
         "",
-        f"Machine: {machine_description(args.device)}; load average (1/5/15 min) {load_before} at the start, {load_after} at the end; "
+        f"Machine: {machine_description(args.device)}; load average (1/5/15 min) {load_before} at the start, "
+        f"{load_after} at the end; "
         f"run took {(finished - started) / 60:.0f} min.",
         "",
-        f"Images: shorter side {args.min_size} (longest <= {args.max_size}). Training ({args.clock} clock): one process "
-        "per setting holds every model and steps them in rotating order on the same batches; s/iter is the median of "
+        f"Images: shorter side {args.min_size} (longest <= {args.max_size}). Training ({args.clock} clock): one "
+        "process per setting holds every model and steps them in rotating order on the same batches; s/iter is "
+        "the median of "
         f"{args.iters} steps x {args.rounds} round(s) after {args.warmup} warm-up steps, starting at iteration "
-        f"{args.start_iter}, and 'vs BN' the median of the paired per-step ratios to BN. Inference ({args.clock} clock): one process per setting holds every model, in eval "
+        f"{args.start_iter}, and 'vs BN' the median of the paired per-step ratios to BN. Inference ({args.clock} "
+        "clock): one process per setting holds every model, in eval "
         "mode and after `convert_to_frozen_bn`, built with the same seed, and runs them in rotating order on each of "
-        f"{args.infer_images} val images x {args.infer_repeats} repeats; s/img is the median, 'vs BN eval' the median of "
+        f"{args.infer_images} val images x {args.infer_repeats} repeats; s/img is the median, 'vs BN eval' the "
+        "median of "
         f"the paired per-image ratios to BN in eval mode. Memory: {_MEMORY[args.device]} during a training step "
         "above the process before the model was built (model, gradients, optimizer state, buffers, activations), "
         f"max over {args.memory_iters} steps after the warm-up, fresh subprocess per row.",

@@ -44,7 +44,8 @@ DEFAULT_CONFIG = os.path.join(_REPO, "configs", "Base-RCNN-FPN.yaml")
 #: config key of the backbone's norm (FrozenBN in ``1x``, the row's norm in ``scratch_3x``)
 BACKBONE_NORM_KEY = "MODEL.RESNETS.NORM"
 #: norms without a FrozenBN form (no converted-inference timing): asked of the norm registry
-NO_FROZEN_FORM = tuple(n for n in ("BN", "SyncBN", "GN", "CBN", "NaiveCBN", "MABN") if n not in frozen_convertible_norms())
+NO_FROZEN_FORM = tuple(n for n in ("BN", "SyncBN", "GN", "CBN", "NaiveCBN", "MABN")
+                       if n not in frozen_convertible_norms())
 #: rows summarized under the table (ratios to BN, targets)
 SUMMARY_NORMS = ("CBN", "CBN-sub2", "MABN")
 #: (setting, row) -> (max time ratio, max memory ratio) to BN; rows not listed are reported only
@@ -107,7 +108,8 @@ LAYER_DESCRIPTIONS = {
     "floor": "BN + one extra weight-gradient conv per block (exact CBN's arithmetic floor)",
     "CBN": "CBN k=4, closed form (grad_mode='closed_form')",
     "CBN-autograd": "CBN k=4, autograd path (grad_mode='autograd', the released code's way)",
-    "CBN-sub2": "CBN k=4, closed form, d nu/d theta from every 2nd RoI (grad_subsample=2, approximate)",  # rows if N < 8
+    # (rows of the output instead of RoIs if N < 8)
+    "CBN-sub2": "CBN k=4, closed form, d nu/d theta from every 2nd RoI (grad_subsample=2, approximate)",
     "NaiveCBN": "Naive CBN k=4 (no compensation)",
     "MABN": "MABN m=16, SMA and renormalization active",
     "GN": "GroupNorm, 32 groups",

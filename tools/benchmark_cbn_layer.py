@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line (``--help``); the hidden ``--memory-child ROW`` runs one memory child.
 
     Exits (argparse error) if ``--warmup`` is below ``--window`` - 1."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--norms", nargs="+", default=list(LAYER_NORMS), choices=LAYER_NORMS, metavar="NORM",
                     help=f"rows of the table (default: all of {', '.join(LAYER_NORMS)})")
     ap.add_argument("--batch", type=int, default=64, help="N of the (N, C, H, W) input (RoIs, default 64)")
@@ -98,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "accuracy run (default 10)")
     args = ap.parse_args(argv)
     if args.warmup < args.window - 1:
-        ap.error(f"--warmup {args.warmup} is too small; allowed: >= window - 1 = {args.window - 1} (fills CBN's window)")
+        ap.error(f"--warmup {args.warmup} is too small; allowed: >= window - 1 = {args.window - 1} "
+                 "(fills CBN's window)")
     return args
 
 

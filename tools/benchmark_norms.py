@@ -85,7 +85,8 @@ DEFAULT_OUT = os.path.join("output", "benchmarks", "BENCHMARKS.md")
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line (``--help``); the hidden ``--child-*`` options select a child process."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config-file", default=None, help="detector config (default: Mask R-CNN R50-FPN 4conv1fc)")
     ap.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS, metavar="NORM",
                     help=f"rows of the tables (default: all of {', '.join(NORMS)}; BN, the reference, is always run)")
