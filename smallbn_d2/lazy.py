@@ -15,13 +15,13 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from .config import EPOCHS, FREEZE_ITER, IMAGES
+from .config import EPOCHS, FREEZE_ITER, IMAGES, walk_config
 from .layers.hyperparameters import BOOLEAN, INT_AT_LEAST_0, INT_AT_LEAST_1
 from .modeling import NORM_FAMILIES, norm_hyperparameters, place_norms, prepare_norms
 
 __all__ = ["SMALLBN_KEYS", "model_zoo_config", "mask_rcnn_fpn_1x_with_norm", "burn_in_iterations",
            "burn_in_until_first_lr_step", "check_norm_arguments", "check_smallbn_field", "build_lazy_model",
-           "build_model_from_lazy_config", "norm_hooks", "do_test", "do_train"]
+           "build_model_from_lazy_config", "lazy_norm_fields", "lazy_dataset_names", "norm_hooks", "do_test", "do_train"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,44 @@ def _plain(value: Any) -> Any:
         # structured configs (Detectron2 main stores dataclasses such as ShapeSpec so) as the dataclass
         return OmegaConf.to_container(value, resolve=True, structured_config_mode=SCMode.INSTANTIATE)
     return value
+
+
+def _lazy_tree(node: Any) -> Any:
+    """A LazyConfig node as plain containers (interpolations resolved where they can be)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if not isinstance(node, (DictConfig, ListConfig)):
+        return node
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except Exception:  # an interpolation that cannot resolve yet: read the raw values
+        return OmegaConf.to_container(node, resolve=False)
+
+
+def lazy_norm_fields(cfg) -> Dict[str, str]:
+    """``{dotted field: name}`` of every string field called ``norm`` or ``*_norm`` in a LazyConfig's
+    model (``model.backbone.norm``, ``model.roi_heads.box_head.conv_norm``, ...)."""
+    model = cfg.get("model", None) if hasattr(cfg, "get") else None
+    return {path: value for path, key, value in walk_config(_lazy_tree(model), "model")
+            if (key == "norm" or key.endswith("_norm")) and isinstance(value, str)}
+
+
+def lazy_dataset_names(cfg, eval_only: bool = False) -> List[str]:
+    """The dataset names a LazyConfig run reads, in order without duplicates: the ``names`` fields
+    under ``dataloader.train`` (unless ``eval_only``) and ``dataloader.test`` (when
+    ``dataloader.evaluator`` is set)."""
+    loader = cfg.get("dataloader", None) if hasattr(cfg, "get") else None
+    if loader is None:
+        return []
+    parts = ([] if eval_only else ["train"]) + (["test"] if loader.get("evaluator", None) is not None else [])
+    names: List[str] = []
+    for part in parts:
+        for _, key, value in walk_config(_lazy_tree(loader.get(part, None)), f"dataloader.{part}"):
+            if key == "names":
+                for name in [value] if isinstance(value, str) else list(value or []):
+                    if isinstance(name, str) and name not in names:
+                        names.append(name)
+    return names
 
 
 def _constructor_arguments(layer_class: type) -> List[str]:

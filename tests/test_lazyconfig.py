@@ -318,7 +318,7 @@ def test_unknown_norm_or_dataset_name_is_one_line_and_writes_nothing(tmp_path, o
 def test_lazy_checks_read_the_norm_fields_and_the_datasets_the_run_reads():
     from detectron2.config import LazyConfig
 
-    from smallbn_d2.engine.defaults import lazy_dataset_names, lazy_norm_fields
+    from smallbn_d2.lazy import lazy_dataset_names, lazy_norm_fields
 
     cfg = LazyConfig.apply_overrides(_load(TINY), ["model.roi_heads.box_head.conv_norm=MABN"])
     fields = lazy_norm_fields(cfg)

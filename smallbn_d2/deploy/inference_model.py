@@ -87,7 +87,7 @@ def frozen_bn_config(cfg: Any) -> Any:
         return out
     from omegaconf import OmegaConf
 
-    from ..engine.defaults import lazy_norm_fields  # on use: importing deploy does not load the engine
+    from ..lazy import lazy_norm_fields  # on use: importing deploy does not load the LazyConfig flow
 
     out = copy.deepcopy(cfg)
     for path, value in lazy_norm_fields(cfg).items():
@@ -120,7 +120,7 @@ def build_inference_model(cfg: Any, fold: bool = False) -> nn.Module:
     """
     model = build_training_model(frozen_bn_config(cfg))
     if is_lazy_config(cfg):
-        from ..engine.defaults import lazy_norm_fields
+        from ..lazy import lazy_norm_fields
 
         per_level = (any(isinstance(m, RetinaNetHead) for m in model.modules())
                      and lazy_norm_fields(cfg).get("model.head.norm") in per_level_retinanet_norms())

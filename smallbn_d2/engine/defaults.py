@@ -8,7 +8,7 @@ import argparse
 import difflib
 import os
 import re
-from typing import Any, Dict, List, Sequence
+from typing import Sequence
 
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -19,9 +19,10 @@ from ..compat import argument_parser_actions
 from ..config import ConfigValueError, add_smallbn_config, norm_keys, validate_smallbn_config, walk_config
 from ..data import DatasetNotRegisteredError, DatasetsNotFoundError, SampleRegistrationError, check_datasets_exist
 from ..layers import NormNotWiredError
+from ..lazy import lazy_dataset_names, lazy_norm_fields
 
 __all__ = ["OutputDirExistsError", "ConfigKeyError", "USER_ERRORS", "check_output_dir", "load_config",
-           "check_norm_names", "check_lazy_config", "lazy_norm_fields", "lazy_dataset_names",
+           "check_norm_names", "check_lazy_config",
            "training_argument_parser", "setup_cpu"]
 
 
@@ -157,44 +158,6 @@ def check_output_dir(output_dir: str, resume: bool = False, eval_only: bool = Fa
         f"would overwrite it. Use --resume to continue that run, choose another OUTPUT_DIR{option}"
         f"{' to write into it anyway' if way_out else ''}."
     )
-
-
-def _lazy_tree(node: Any) -> Any:
-    """A LazyConfig node as plain containers (interpolations resolved where they can be)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if not isinstance(node, (DictConfig, ListConfig)):
-        return node
-    try:
-        return OmegaConf.to_container(node, resolve=True)
-    except Exception:  # an interpolation that cannot resolve yet: read the raw values
-        return OmegaConf.to_container(node, resolve=False)
-
-
-def lazy_norm_fields(cfg) -> Dict[str, str]:
-    """``{dotted field: name}`` of every string field called ``norm`` or ``*_norm`` in a LazyConfig's
-    model (``model.backbone.norm``, ``model.roi_heads.box_head.conv_norm``, ...)."""
-    model = cfg.get("model", None) if hasattr(cfg, "get") else None
-    return {path: value for path, key, value in walk_config(_lazy_tree(model), "model")
-            if (key == "norm" or key.endswith("_norm")) and isinstance(value, str)}
-
-
-def lazy_dataset_names(cfg, eval_only: bool = False) -> List[str]:
-    """The dataset names a LazyConfig run reads, in order without duplicates: the ``names`` fields
-    under ``dataloader.train`` (unless ``eval_only``) and ``dataloader.test`` (when
-    ``dataloader.evaluator`` is set)."""
-    loader = cfg.get("dataloader", None) if hasattr(cfg, "get") else None
-    if loader is None:
-        return []
-    parts = ([] if eval_only else ["train"]) + (["test"] if loader.get("evaluator", None) is not None else [])
-    names: List[str] = []
-    for part in parts:
-        for _, key, value in walk_config(_lazy_tree(loader.get(part, None)), f"dataloader.{part}"):
-            if key == "names":
-                for name in [value] if isinstance(value, str) else list(value or []):
-                    if isinstance(name, str) and name not in names:
-                        names.append(name)
-    return names
 
 
 def check_norm_names(cfg) -> None:
