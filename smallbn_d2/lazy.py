@@ -113,33 +113,29 @@ def burn_in_until_first_lr_step(lr_multiplier) -> int:
     return int(min(steps))
 
 
-def _plain(value: Any) -> Any:
-    """An omegaconf node as plain Python containers, interpolations resolved (other values unchanged)."""
+def _plain(value: Any, lenient: bool = False) -> Any:
+    """An omegaconf node as plain Python containers, interpolations resolved (other values unchanged).
+    With ``lenient``, a node whose interpolations cannot resolve yet (a config checked before the run)
+    is read with its raw values instead of raising."""
     from omegaconf import DictConfig, ListConfig, OmegaConf, SCMode
 
-    if isinstance(value, (DictConfig, ListConfig)):
-        # structured configs (Detectron2 main stores dataclasses such as ShapeSpec so) as the dataclass
-        return OmegaConf.to_container(value, resolve=True, structured_config_mode=SCMode.INSTANTIATE)
-    return value
-
-
-def _lazy_tree(node: Any) -> Any:
-    """A LazyConfig node as plain containers (interpolations resolved where they can be)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if not isinstance(node, (DictConfig, ListConfig)):
-        return node
+    if not isinstance(value, (DictConfig, ListConfig)):
+        return value
+    # structured configs (Detectron2 main stores dataclasses such as ShapeSpec so) as the dataclass
+    mode = SCMode.INSTANTIATE
     try:
-        return OmegaConf.to_container(node, resolve=True)
-    except Exception:  # an interpolation that cannot resolve yet: read the raw values
-        return OmegaConf.to_container(node, resolve=False)
+        return OmegaConf.to_container(value, resolve=True, structured_config_mode=mode)
+    except Exception:
+        if not lenient:
+            raise
+        return OmegaConf.to_container(value, resolve=False, structured_config_mode=mode)
 
 
 def lazy_norm_fields(cfg) -> Dict[str, str]:
     """``{dotted field: name}`` of every string field called ``norm`` or ``*_norm`` in a LazyConfig's
     model (``model.backbone.norm``, ``model.roi_heads.box_head.conv_norm``, ...)."""
     model = cfg.get("model", None) if hasattr(cfg, "get") else None
-    return {path: value for path, key, value in walk_config(_lazy_tree(model), "model")
+    return {path: value for path, key, value in walk_config(_plain(model, lenient=True), "model")
             if (key == "norm" or key.endswith("_norm")) and isinstance(value, str)}
 
 
@@ -153,7 +149,7 @@ def lazy_dataset_names(cfg, eval_only: bool = False) -> List[str]:
     parts = ([] if eval_only else ["train"]) + (["test"] if loader.get("evaluator", None) is not None else [])
     names: List[str] = []
     for part in parts:
-        for _, key, value in walk_config(_lazy_tree(loader.get(part, None)), f"dataloader.{part}"):
+        for _, key, value in walk_config(_plain(loader.get(part, None), lenient=True), f"dataloader.{part}"):
             if key == "names":
                 for name in [value] if isinstance(value, str) else list(value or []):
                     if isinstance(name, str) and name not in names:
