@@ -21,7 +21,8 @@ from .modeling import NORM_FAMILIES, norm_hyperparameters, place_norms, prepare_
 
 __all__ = ["SMALLBN_KEYS", "model_zoo_config", "mask_rcnn_fpn_1x_with_norm", "burn_in_iterations",
            "burn_in_until_first_lr_step", "check_norm_arguments", "check_smallbn_field", "build_lazy_model",
-           "build_model_from_lazy_config", "lazy_norm_fields", "lazy_dataset_names", "norm_hooks", "do_test", "do_train"]
+           "build_model_from_lazy_config", "lazy_norm_fields", "lazy_dataset_names", "norm_hooks", "do_test",
+           "do_train"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,20 +116,19 @@ def burn_in_until_first_lr_step(lr_multiplier) -> int:
 
 def _plain(value: Any, lenient: bool = False) -> Any:
     """An omegaconf node as plain Python containers, interpolations resolved (other values unchanged).
-    With ``lenient``, a node whose interpolations cannot resolve yet (a config checked before the run)
-    is read with its raw values instead of raising."""
+    With ``lenient``, a node that cannot be read so yet (a config checked before the run: an unresolved
+    interpolation) is read with its raw values, dataclasses as dicts, instead of raising."""
     from omegaconf import DictConfig, ListConfig, OmegaConf, SCMode
 
     if not isinstance(value, (DictConfig, ListConfig)):
         return value
-    # structured configs (Detectron2 main stores dataclasses such as ShapeSpec so) as the dataclass
-    mode = SCMode.INSTANTIATE
     try:
-        return OmegaConf.to_container(value, resolve=True, structured_config_mode=mode)
+        # structured configs (Detectron2 main stores dataclasses such as ShapeSpec so) as the dataclass
+        return OmegaConf.to_container(value, resolve=True, structured_config_mode=SCMode.INSTANTIATE)
     except Exception:
         if not lenient:
             raise
-        return OmegaConf.to_container(value, resolve=False, structured_config_mode=mode)
+        return OmegaConf.to_container(value, resolve=False)
 
 
 def lazy_norm_fields(cfg) -> Dict[str, str]:
